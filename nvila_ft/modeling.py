@@ -1,0 +1,460 @@
+"""`NvilaForConditionalGeneration`: SigLIP `vision_tower` + `mm_projector` + causal `llm`, as in the
+official NVILA checkpoints (NVlabs/VILA `modeling_vila.py`, `../shared/docs/nvila-architecture.md`).
+
+    model = NvilaForConditionalGeneration.from_pretrained("Efficient-Large-Model/NVILA-Lite-2B")
+    out = model(**processor(conversations, images), labels=...)
+
+Loads and saves the original hub layout (`config.json` + `llm/` + `vision_tower/` + `mm_projector/`)
+without `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, SiglipVisionModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration import IGNORE_INDEX, MEDIA_TOKENS, SENTINEL_TOKEN, NvilaConfig
+from .projector import MultimodalProjector
+
+logger = logging.getLogger(__name__)
+
+BlockSizes = Sequence[tuple[int, int] | None] | torch.Tensor | None
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """Local folder of a checkpoint: `path_or_id` itself, or a Hugging Face Hub snapshot of it.
+
+    Raises:
+        FileNotFoundError: the folder lacks `config.json`, or the hub id cannot be fetched (offline, typo).
+    """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: no config.json. An NVILA checkpoint folder holds config.json, llm/, vision_tower/ "
+                "and mm_projector/ (build a tiny one with `python -m nvila_ft.tiny OUT`)."
+            )
+        return path
+    if path.exists() or str(path_or_id).count("/") != 1:
+        raise FileNotFoundError(f"{path_or_id}: not a checkpoint folder and not a hub id (owner/name).")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_id), revision=revision))
+    except Exception as err:  # network errors, gated repos, typos: all end here
+        raise FileNotFoundError(
+            f"Could not fetch {path_or_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "Check the id and your network, or pass a local folder."
+        ) from err
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """Loads `llm/`'s tokenizer and adds NVILA's sentinel and media tokens (official order).
+
+    Returns the tokenizer with attributes `media_token_ids` ({"image": id, "video": id}) and
+    `sentinel_token_id`. Adding is a no-op for a tokenizer saved by this kit or NVIDIA's trainer.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "llm", padding_side="right")
+    tokenizer.add_tokens([SENTINEL_TOKEN], special_tokens=True)
+    tokenizer.add_tokens(list(MEDIA_TOKENS.values()), special_tokens=True)
+    tokenizer.sentinel_token_id = tokenizer.convert_tokens_to_ids(SENTINEL_TOKEN)
+    tokenizer.media_token_ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in MEDIA_TOKENS.items()}
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    return tokenizer
+
+
+def merge_tiles(features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Stitches row-major tile features (rows*cols, f*f, C) into one map (1, C, rows*f, cols*f)."""
+    n, tokens, c = features.shape
+    f = math.isqrt(tokens)
+    grid = features.reshape(rows, cols, f, f, c).permute(4, 0, 2, 1, 3)  # C, rows, f, cols, f
+    return grid.reshape(1, c, rows * f, cols * f)
+
+
+def split_blocks(feature_map: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Cuts a (1, C, H, W) map into rows*cols row-major blocks, returned as tokens (rows*cols, h*w, C)."""
+    _, c, h, w = feature_map.shape
+    bh, bw = h // rows, w // cols
+    blocks = feature_map.reshape(c, rows, bh, cols, bw).permute(1, 3, 2, 4, 0)  # rows, cols, bh, bw, C
+    return blocks.reshape(rows * cols, bh * bw, c)
+
+
+class NvilaForConditionalGeneration(PreTrainedModel):
+    """NVILA / NVILA-Lite vision-language model.
+
+    Parts, named as NVILA names them: `vision_tower` (`transformers.SiglipVisionModel`), `mm_projector`
+    (:class:`MultimodalProjector`) and `llm` (any `AutoModelForCausalLM`; Qwen2 for real NVILA).
+    Parameter names are therefore `llm.*`, `vision_tower.vision_model.*`, `mm_projector.layers.<i>.*`.
+    """
+
+    config_class = NvilaConfig
+    base_model_prefix = "nvila"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer"]
+    _supports_sdpa = True
+
+    def __init__(
+        self,
+        config: NvilaConfig,
+        llm: nn.Module | None = None,
+        vision_tower: nn.Module | None = None,
+        mm_projector: nn.Module | None = None,
+    ):
+        super().__init__(config)
+        self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.text_config)
+        self.vision_tower = vision_tower if vision_tower is not None else SiglipVisionModel(config.vision_config)
+        self.mm_projector = (
+            mm_projector
+            if mm_projector is not None
+            else MultimodalProjector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
+        )
+        self.tokenizer = None  # set by from_pretrained; saved with the checkpoint
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str = torch.bfloat16,
+        attn_implementation: str | None = None,
+        llm_quantization_config=None,
+        device_map=None,
+        revision: str | None = None,
+        **_unused,
+    ) -> NvilaForConditionalGeneration:
+        """Loads an official-layout NVILA checkpoint from a local folder or a hub id.
+
+        Args:
+            path_or_id: folder with `config.json`, `llm/`, `vision_tower/`, `mm_projector/`, or a hub id
+                such as `Efficient-Large-Model/NVILA-Lite-2B`.
+            dtype: weights dtype in memory (torch dtype or "bfloat16"/"float16"/"float32").
+            attn_implementation: "sdpa" | "eager" | "flash_attention_2" | None (library default).
+            llm_quantization_config: a `BitsAndBytesConfig` to load the LLM in 4/8 bit (QLoRA).
+            device_map: passed to the LLM's `from_pretrained` (e.g. {"": 0}).
+
+        Returns:
+            The model in eval mode with `model.tokenizer` set; the LLM embeddings are resized to the
+            tokenizer length after adding `<vila/sentinel>`, `<image>`, `<vila/video>`; new rows are the
+            mean of the old rows rounded to the checkpoint dtype (what the official loader produces).
+
+        Raises:
+            FileNotFoundError: missing folder, sub-folder or hub id.
+        """
+        folder = resolve_checkpoint(path_or_id, revision)
+        dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        for part in ("llm", "vision_tower", "mm_projector"):
+            if not (folder / part).is_dir():
+                raise FileNotFoundError(f"{folder}: missing {part}/ (official NVILA layout expected)")
+        config = NvilaConfig.from_json_file(str(folder / "config.json"))
+        tokenizer = load_tokenizer(folder)
+        llm_kwargs = {"dtype": dtype, "device_map": device_map}
+        if attn_implementation:
+            llm_kwargs["attn_implementation"] = attn_implementation
+        if llm_quantization_config is not None:
+            llm_kwargs["quantization_config"] = llm_quantization_config
+        llm = AutoModelForCausalLM.from_pretrained(folder / "llm", **llm_kwargs)
+        vision_tower = SiglipVisionModel.from_pretrained(
+            folder / "vision_tower", dtype=dtype, attn_implementation=attn_implementation
+        )
+        proj_cfg = json.loads((folder / "mm_projector" / "config.json").read_text())
+        config.mm_projector_cfg = {**config.mm_projector_cfg, **proj_cfg}
+        mm_projector = MultimodalProjector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
+        mm_projector.load_state_dict(load_file(folder / "mm_projector" / "model.safetensors"))
+        mm_projector.to(dtype=dtype, device=llm.get_input_embeddings().weight.device)
+
+        _resize_embeddings_like_official(llm, len(tokenizer), _DTYPES.get(config.model_dtype.split(".")[-1]))
+        config.llm_cfg = llm.config.to_dict()
+        config.image_token_id = tokenizer.media_token_ids["image"]
+        config.video_token_id = tokenizer.media_token_ids["video"]
+        config.end_token_ids = tokenizer("\n", add_special_tokens=False).input_ids
+        config._name_or_path = str(path_or_id)
+        model = cls(config, llm=llm, vision_tower=vision_tower, mm_projector=mm_projector)
+        model.tokenizer = tokenizer
+        model.eval()
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **_unused):
+        """Writes the official original layout atomically (temp folder, then rename).
+
+        `config.json` (llm_cfg / vision_tower_cfg / mm_projector_cfg embedded), `llm/` (weights, config,
+        tokenizer with media tokens, chat template), `vision_tower/` (+ `preprocessor_config.json`),
+        `mm_projector/` (`config.json`, `model.safetensors` with keys `layers.<i>.*`).
+        """
+        out = Path(save_directory)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            state = state_dict if state_dict is not None else self.state_dict()
+            parts = {p: {k[len(p) + 1 :]: v for k, v in state.items() if k.startswith(p + ".")} for p in
+                     ("llm", "vision_tower", "mm_projector")}
+            self.llm.save_pretrained(tmp / "llm", state_dict=parts["llm"])
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp / "llm")
+            self.vision_tower.save_pretrained(tmp / "vision_tower", state_dict=parts["vision_tower"])
+            tiling = self.config.tiling()
+            (tmp / "vision_tower" / "preprocessor_config.json").write_text(json.dumps({
+                "do_normalize": True, "do_rescale": True, "do_resize": True,
+                "image_mean": list(tiling.image_mean), "image_std": list(tiling.image_std),
+                "image_processor_type": "SiglipImageProcessor", "resample": 3,
+                "rescale_factor": 1 / 255, "size": {"height": tiling.tile_size, "width": tiling.tile_size},
+            }, indent=2))
+            (tmp / "mm_projector").mkdir()
+            dtype = str(next(self.mm_projector.parameters()).dtype).replace("torch.", "")
+            (tmp / "mm_projector" / "config.json").write_text(json.dumps({
+                "architectures": ["MultimodalProjector"], "model_type": "v2l_projector",
+                "mm_projector_type": self.config.mm_projector_type, "torch_dtype": dtype,
+            }, indent=2))
+            save_file({k: v.contiguous() for k, v in parts["mm_projector"].items()},
+                      tmp / "mm_projector" / "model.safetensors", metadata={"format": "pt"})
+            self.config.llm_cfg = self.llm.config.to_dict()
+            self.config.vision_tower_cfg = self.vision_tower.config.to_dict()
+            self.config.architectures = ["LlavaLlamaModel"]
+            self.config.save_pretrained(tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------ gradient checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, parts=("llm", "vision_tower")):
+        """Enables activation checkpointing per part (`llm`, `vision_tower`), non-reentrant by default."""
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        for part in parts:
+            getattr(self, part).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    # ------------------------------------------------------------------ vision path
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """SigLIP features of tiles: (T, 3, 448, 448) -> (T, 1024, C) from `hidden_states[select_layer]`.
+
+        `post_layernorm` is not applied (config `mm_vision_select_layer: -2`).
+        """
+        param = next(self.vision_tower.parameters())
+        out = self.vision_tower(pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.config.mm_vision_select_layer]
+        return feats[:, 1:] if self.config.mm_vision_select_feature == "patch" else feats
+
+    def encode_images(self, pixel_values: torch.Tensor, block_sizes: BlockSizes = None) -> list[torch.Tensor]:
+        """Projected embeddings of each image (without the trailing "\\n").
+
+        Args:
+            pixel_values: (T, 3, 448, 448) tiles of all images, in placeholder order.
+            block_sizes: `dynamic_s2` only: one (rows, cols) or None per image ((0, 0) rows of a tensor
+                mean None). An image with a block size owns 1 + 4 + rows*cols tiles; one without owns one
+                tile whose features are repeated once per scale on channels. Ignored otherwise
+                (every tile is its own image, as NVILA-Lite and resize modes do).
+
+        Returns:
+            list of (N_i, hidden_size) tensors: dynamic_s2 gives (16 rows) x (16 cols) tokens per image,
+            row-major over the stitched map; 3x3 projectors give 121 tokens per tile.
+        """
+        feats = self.vision_features(pixel_values)
+        if not self.config.dynamic_s2:
+            return list(self.mm_projector(feats.to(self._projector_dtype)).unbind(0))
+        scales = self.config.scales
+        idx = self.config.s2_resize_output_to_scale_idx
+        if block_sizes is None:
+            block_sizes = [None] * feats.shape[0]
+        elif isinstance(block_sizes, torch.Tensor):
+            block_sizes = [tuple(b) if b[0] > 0 else None for b in block_sizes.tolist()]
+        blocks, grids, cursor = [], [], 0
+        for block_size in block_sizes:
+            if block_size is None:
+                one = merge_tiles(feats[cursor : cursor + 1], 1, 1)
+                fmap, grid = one.repeat(1, len(scales), 1, 1), (1, 1)
+                cursor += 1
+            else:
+                maps = []
+                for scale in scales[:-1]:
+                    n = scale // scales[0]
+                    maps.append(merge_tiles(feats[cursor : cursor + n * n], n, n))
+                    cursor += n * n
+                rows, cols = block_size
+                maps.append(merge_tiles(feats[cursor : cursor + rows * cols], rows, cols))
+                cursor += rows * cols
+                size = maps[idx].shape[-2:]
+                fmap = torch.cat(
+                    [F.interpolate(m.float(), size=size, mode="area").to(m.dtype) for m in maps], dim=1
+                )
+                grid = tuple(block_size) if idx in (-1, len(scales) - 1) else (scales[idx] // scales[0],) * 2
+            blocks.append(split_blocks(fmap, *grid))
+            grids.append(grid)
+        if cursor != feats.shape[0]:
+            raise ValueError(f"block_sizes account for {cursor} tiles but pixel_values has {feats.shape[0]}")
+        projected = self.mm_projector(torch.cat(blocks).to(self._projector_dtype))
+        out = []
+        for chunk, (rows, cols) in zip(projected.split([r * c for r, c in grids]), grids):
+            out.append(merge_tiles(chunk, rows, cols).flatten(2).squeeze(0).transpose(0, 1))
+        return out
+
+    @property
+    def _projector_dtype(self) -> torch.dtype:
+        return next(self.mm_projector.parameters()).dtype
+
+    def media_embeddings(self, pixel_values: torch.Tensor, block_sizes: BlockSizes = None) -> list[torch.Tensor]:
+        """Each image's embeddings as spliced into the LLM input: projected tokens + "\\n" embedding."""
+        end_ids = torch.tensor(self.config.end_token_ids, device=self.get_input_embeddings().weight.device)
+        end = self.get_input_embeddings()(end_ids)
+        return [torch.cat([f.to(end.dtype), end]) for f in self.encode_images(pixel_values, block_sizes)]
+
+    # ------------------------------------------------------------------ splicing
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        block_sizes: BlockSizes = None,
+        labels: torch.Tensor | None = None,
+        padding_side: str = "right",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Builds `inputs_embeds` with every `<image>` token replaced by that image's embeddings.
+
+        Args:
+            input_ids: (B, L) int64 with one `<image>` token per image (padding per `attention_mask`).
+            attention_mask: (B, L) 1 for real tokens; padded positions are dropped before splicing.
+            pixel_values, block_sizes: see :meth:`encode_images`; images are consumed in order of
+                appearance, sample by sample.
+            labels: (B, L) int64 or None; media positions become -100.
+            padding_side: where the expanded sequences are padded ("right" for training, "left" to generate).
+
+        Returns:
+            inputs_embeds (B, L', H), attention_mask (B, L') int64, labels (B, L') or None.
+
+        Raises:
+            ValueError: placeholder count and image count differ.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_id = self.config.image_token_id
+        if self.config.video_token_id is not None and (input_ids == self.config.video_token_id).any():
+            raise NotImplementedError("<vila/video> inputs are not supported yet (video issue)")
+        is_media = input_ids == image_id
+        n_placeholders = int((is_media & attention_mask.bool()).sum())
+        media = self.media_embeddings(pixel_values, block_sizes) if pixel_values is not None else []
+        if len(media) != n_placeholders:
+            raise ValueError(f"{n_placeholders} <image> tokens in input_ids but {len(media)} images in pixel_values")
+        text = self.get_input_embeddings()(input_ids.masked_fill(is_media, 0))
+        seqs, labs, m = [], [], 0
+        for b in range(input_ids.shape[0]):
+            keep = attention_mask[b].bool()
+            ids, emb = input_ids[b][keep], text[b][keep]
+            lab = labels[b][keep] if labels is not None else None
+            pieces, lab_pieces, start = [], [], 0
+            for pos in (ids == image_id).nonzero().flatten().tolist():
+                pieces += [emb[start:pos], media[m].to(emb.dtype)]
+                if lab is not None:
+                    lab_pieces += [lab[start:pos], lab.new_full((media[m].shape[0],), IGNORE_INDEX)]
+                m, start = m + 1, pos + 1
+            pieces.append(emb[start:])
+            seqs.append(torch.cat(pieces))
+            if lab is not None:
+                lab_pieces.append(lab[start:])
+                labs.append(torch.cat(lab_pieces))
+        length = max(s.shape[0] for s in seqs)
+        embeds = seqs[0].new_zeros(len(seqs), length, seqs[0].shape[-1])
+        mask = torch.zeros(len(seqs), length, dtype=torch.long, device=embeds.device)
+        out_labels = torch.full((len(seqs), length), IGNORE_INDEX, device=embeds.device) if labels is not None else None
+        for b, s in enumerate(seqs):
+            sl = slice(0, s.shape[0]) if padding_side == "right" else slice(length - s.shape[0], length)
+            embeds[b, sl], mask[b, sl] = s, 1
+            if out_labels is not None:
+                out_labels[b, sl] = labs[b]
+        return embeds, mask, out_labels
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        block_sizes: BlockSizes = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Loss and logits of a (batch of) conversation(s) with images.
+
+        Args:
+            input_ids: (B, L) from :class:`~nvila_ft.processing.NvilaProcessor`.
+            attention_mask: (B, L).
+            pixel_values: (T, 3, 448, 448) float tiles of all images of the batch.
+            block_sizes: per-image (rows, cols) for `dynamic_s2`; see :meth:`encode_images`.
+            labels: (B, L) int64, -100 where no loss is taken.
+            inputs_embeds: skip splicing and feed these to the LLM directly.
+
+        Returns:
+            `CausalLMOutputWithPast` with `loss` (mean token cross-entropy, when labels are given) and
+            `logits` (B, L', vocab) over the expanded sequence.
+        """
+        if inputs_embeds is None:
+            inputs_embeds, attention_mask, labels = self.embed(
+                input_ids, attention_mask, pixel_values, block_sizes, labels
+            )
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        block_sizes: BlockSizes = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Generates continuations; returns only the new token ids (B, new_tokens).
+
+        Sequences are left-padded after splicing so that batched prompts end together. Stops at the
+        tokenizer's EOS (`<|im_end|>` for Qwen2 chat) unless `eos_token_id` is given.
+        """
+        inputs_embeds, attention_mask, _ = self.embed(
+            input_ids, attention_mask, pixel_values, block_sizes, padding_side="left"
+        )
+        if self.tokenizer is not None:
+            generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+            generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+
+
+def _resize_embeddings_like_official(llm: nn.Module, new_rows: int, storage_dtype: torch.dtype | None) -> None:
+    """Resizes input (and untied output) embeddings to `new_rows`; new rows = mean of the old rows.
+
+    The official loader resizes to the tokenizer length with transformers' mean initialisation on
+    bf16 weights; we compute the fp32 mean and round it to the checkpoint's storage dtype, which gives
+    the same rows deterministically.
+    """
+    old_rows = llm.get_input_embeddings().weight.shape[0]
+    if new_rows == old_rows:
+        return
+    llm.resize_token_embeddings(new_rows, mean_resizing=False)
+    if new_rows < old_rows:
+        return
+    mats = [llm.get_input_embeddings().weight]
+    out = llm.get_output_embeddings()
+    if out is not None and out.weight is not mats[0]:
+        mats.append(out.weight)
+    with torch.no_grad():
+        for w in mats:
+            mean = w[:old_rows].float().mean(0)
+            if storage_dtype is not None:
+                mean = mean.to(storage_dtype)
+            w[old_rows:] = mean.to(w.dtype)
