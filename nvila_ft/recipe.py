@@ -1,0 +1,529 @@
+"""Training recipes: one typed schema, loaded strictly from YAML with `dotted.key=value` overrides.
+
+    recipe = load_recipe("recipes/medical.yaml", ["train.max_steps=20", "lora.r=16"])
+
+Every field's description is its documentation (`Recipe.model_json_schema()` prints all of it).
+A typo in a key is an error, never a silent default; all errors come out as one `RecipeError` naming
+the file, each bad dotted key and what to do. Relative paths stay as typed: they are relative to the
+current working directory, like paths on a command line, not to the YAML file's folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import typing
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
+
+# NVILA paper (arXiv 2412.04468), PEFT section: the vision tower's lr should be 5-50x lower than the LLM's.
+VISION_LR_RATIO_RANGE = (5.0, 50.0)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be loaded; the message names the file, the dotted key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which NVILA checkpoint to load, and how."""
+
+    path: str = Field(
+        description="Hub id (e.g. Efficient-Large-Model/NVILA-Lite-2B) or a local folder in the official "
+        "layout (config.json, llm/, vision_tower/, mm_projector/)."
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16",
+        description="Load and compute dtype of the weights that are not quantized. With tune.llm=qlora the "
+        "LLM's Linear weights are 4-bit and this is the bitsandbytes compute dtype; float32 is valid there "
+        "too (slower, more memory for the other parts).",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel of the LLM and vision tower; null = the transformers default."
+    )
+    image_aspect_ratio: Literal["dynamic_s2", "dynamic", "resize"] | None = Field(
+        None,
+        description="Image tiling: dynamic_s2 (NVILA: 448/896/1344 px scales), dynamic (NVILA-Lite: up to "
+        "max_tiles 448 px tiles + thumbnail), resize (one 448 px tile). null = the checkpoint's config.",
+    )
+    max_tiles: int | None = Field(
+        None,
+        ge=1,
+        description="Most 448 px tiles per image (last scale for dynamic_s2, which needs >= 9). Lower: fewer "
+        "visual tokens, less memory, less detail. null = the checkpoint's value (12).",
+    )
+
+    @model_validator(mode="after")
+    def _check_tiles(self) -> ModelConfig:
+        if self.image_aspect_ratio == "dynamic_s2" and self.max_tiles is not None and self.max_tiles < 9:
+            raise ValueError(
+                f"model.max_tiles must be >= 9 with model.image_aspect_ratio=dynamic_s2 "
+                f"(got {self.max_tiles}): its 1344 px scale is (1344/448)^2 = 9 tiles. "
+                "Raise it, or use image_aspect_ratio=dynamic."
+            )
+        return self
+
+
+class TuneConfig(_Section):
+    """What each part of the model learns (the paper's PEFT recipe is the default)."""
+
+    llm: Literal["lora", "qlora", "full", "frozen"] = Field(
+        "lora",
+        description="lora: adapters on a bf16/fp16 LLM. qlora: adapters on a 4-bit (nf4) LLM, about 4x "
+        "less weight memory, needs bitsandbytes and a CUDA GPU. full: every LLM weight (most memory). "
+        "frozen: none.",
+    )
+    vision_tower: Literal["layernorm", "lora", "full", "frozen"] = Field(
+        "layernorm",
+        description="layernorm: only layer_norm1/2 of each SigLIP layer (paper: as good as LoRA, ~25% less "
+        "training time). lora: adapters on its Linear layers. full: every weight. frozen: none.",
+    )
+    mm_projector: Literal["full", "frozen"] = Field(
+        "full", description="full: train the projector (paper default; it is small). frozen: keep it fixed."
+    )
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether any part gets LoRA adapters (and so the `lora` section applies)."""
+        return self.llm in ("lora", "qlora") or self.vision_tower == "lora"
+
+
+class LoraConfig(_Section):
+    """LoRA/QLoRA/DoRA adapter settings (peft), for the parts with tune.<part> = lora or qlora."""
+
+    r: int = Field(64, gt=0, description="Rank. Higher: more capacity and memory. Official default 64.")
+    alpha: int = Field(16, gt=0, description="Scale numerator: updates are scaled by alpha / r. Official 16.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input. Official 0.05.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names to adapt within each LoRA-tuned part (e.g. [q_proj, v_proj]), or "
+        "all-linear for every Linear layer of that part (official default).",
+    )
+    use_dora: bool = Field(False, description="DoRA (weight-decomposed LoRA): often better, ~20% slower.")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _modules(cls, value: Any) -> Any:
+        if value == [] or (isinstance(value, str) and value != "all-linear"):
+            raise ValueError(
+                f"lora.target_modules must be a non-empty list of module names (e.g. [q_proj, v_proj]) "
+                f"or all-linear (got {value!r})."
+            )
+        return value
+
+
+class DataConfig(_Section):
+    """Where the training data is and how to read it."""
+
+    path: str = Field(
+        description="Local folder or file, or a Hugging Face dataset id. For llava format, a JSON file or a "
+        "folder holding <split>.json per split."
+    )
+    format: Literal["auto", "llava", "hf", "vqa_rad"] = Field(
+        "auto",
+        description="llava: JSON list of {id, image, conversations}. hf: a datasets dataset with "
+        "image/question/answer columns. vqa_rad: the VQA-RAD release (trainset.json/testset.json + "
+        "images/). auto: guess.",
+    )
+    train_split: str = Field("train", description="Split to train on (llava folder: <train_split>.json).")
+    eval_split: str | None = Field(
+        "test", description="Split to evaluate on; null = no eval split (then set eval.enabled=false)."
+    )
+    image_folder: str | None = Field(
+        None, description="Base folder of relative image paths; null = the data file's folder."
+    )
+    image_column: str = Field("image", description="hf format: column holding the image.")
+    question_column: str = Field(
+        "question", description="hf format: column holding the question (user turn)."
+    )
+    answer_column: str = Field("answer", description="hf format: column holding the answer (the target).")
+    system_prompt: str | None = Field(
+        None, description="System message of every sample; null = the chat template's default."
+    )
+    max_length: int = Field(
+        4096,
+        ge=64,
+        description="Most tokens per sample after media expansion (NVILA-Lite SFT 4096, NVILA 8192). A "
+        "longer sample is never cut through its visual tokens: it is an error or skipped (on_bad_row).",
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error",
+        description="A row that cannot be used (missing image, too long): error stops, skip logs and "
+        "drops it.",
+    )
+    max_train_samples: int | None = Field(
+        None, ge=1, description="Use only the first N training samples; null = all."
+    )
+    max_eval_samples: int | None = Field(
+        None, ge=1, description="Use only the first N eval samples; null = all."
+    )
+    preflight: bool = Field(
+        True,
+        description="Check every row (images open, lengths fit) before training starts, to fail in seconds.",
+    )
+
+
+class GradientCheckpointingConfig(_Section):
+    """Recompute activations in the backward pass: much less memory, ~30% slower steps."""
+
+    llm: bool = Field(True, description="Checkpoint the LLM's decoder layers.")
+    vision_tower: bool = Field(True, description="Checkpoint the vision tower's encoder layers.")
+
+
+class TrainConfig(_Section):
+    """Optimizer, schedule, batch and checkpointing (names follow transformers.TrainingArguments)."""
+
+    output_dir: str = Field("runs/nvila-ft", description="Checkpoints, logs and the resolved recipe go here.")
+    lr: float = Field(
+        2e-4,
+        gt=0,
+        description="Learning rate of the LLM (adapters, or weights if full). LoRA: ~2e-4; full: 2e-5.",
+    )
+    vision_lr_ratio: float = Field(
+        10.0,
+        description="Vision tower lr = lr / vision_lr_ratio. NVILA paper: 5-50x lower than the LLM's.",
+    )
+    mm_projector_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the projector; null = lr."
+    )
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay (never on norms and biases). Official 0."
+    )
+    lr_scheduler_type: str = Field(
+        "cosine", description="A transformers SchedulerType: cosine, linear, constant, ..."
+    )
+    warmup_ratio: float = Field(
+        0.03, ge=0, lt=1, description="Fraction of the steps spent warming up the lr."
+    )
+    num_train_epochs: float = Field(
+        1.0, gt=0, description="Passes over the training split (max_steps wins if set)."
+    )
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = use num_train_epochs.")
+    per_device_train_batch_size: int = Field(
+        1, ge=1, description="Samples per GPU per step. Higher: more memory."
+    )
+    per_device_eval_batch_size: int = Field(1, ge=1, description="Samples per GPU per eval-loss step.")
+    gradient_accumulation_steps: int = Field(
+        8,
+        ge=1,
+        description="Steps summed per optimizer update: effective batch = batch x this x GPUs, at no "
+        "extra memory.",
+    )
+    gradient_checkpointing: GradientCheckpointingConfig = Field(
+        default_factory=GradientCheckpointingConfig, description="Activation recomputation per part."
+    )
+    logging_steps: int = Field(10, ge=1, description="Log loss, lr, throughput and memory every N steps.")
+    save_steps: int = Field(200, ge=1, description="Save a checkpoint every N steps.")
+    save_total_limit: int | None = Field(
+        2, ge=1, description="Keep at most N checkpoints (oldest deleted); null = all."
+    )
+    seed: int = Field(42, description="Seed of data order, dropout and adapter init.")
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
+        "auto", description="Autocast precision. auto: bf16 on a GPU that supports it, else no (fp32)."
+    )
+    resume_from_checkpoint: str = Field(
+        "auto",
+        description="auto: resume from the latest checkpoint-* in output_dir if any. never: start fresh. "
+        "Or a checkpoint folder.",
+    )
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"], description="Trackers (transformers report_to); [] = none."
+    )
+    dataloader_num_workers: int = Field(
+        0, ge=0, description="Worker processes decoding images; 0 = main process."
+    )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _bare_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, value: int) -> int:
+        if value != -1 and value <= 0:
+            raise ValueError(f"train.max_steps must be -1 (train for num_train_epochs) or > 0 (got {value}).")
+        return value
+
+    @field_validator("vision_lr_ratio")
+    @classmethod
+    def _vision_lr_ratio(cls, value: float) -> float:
+        low, high = VISION_LR_RATIO_RANGE
+        if value <= 0:
+            raise ValueError(
+                f"train.vision_lr_ratio must be > 0 (got {value:g}). The paper uses 5-50; 10 is the default."
+            )
+        if not low <= value <= high:
+            warnings.warn(
+                f"train.vision_lr_ratio={value:g} is outside {low:g}-{high:g}: the NVILA paper sets "
+                "the vision tower's learning rate 5-50x lower than the LLM's.",
+                UserWarning,
+                stacklevel=1,
+            )
+        return value
+
+    @property
+    def lr_per_part(self) -> dict[str, float]:
+        """Learning rate per part: llm = lr, vision_tower = lr / vision_lr_ratio, mm_projector."""
+        return {
+            "llm": self.lr,
+            "vision_tower": self.lr / self.vision_lr_ratio,
+            "mm_projector": self.lr if self.mm_projector_lr is None else self.mm_projector_lr,
+        }
+
+
+class EvalConfig(_Section):
+    """Generation-based evaluation on data.eval_split (exact match / accuracy of the answers)."""
+
+    enabled: bool = Field(
+        True, description="Evaluate (eval loss and generated answers). Needs data.eval_split."
+    )
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate every N steps too; null = only at the end."
+    )
+    max_new_tokens: int = Field(
+        32, gt=0, description="Most tokens generated per answer. Short answers: keep it small."
+    )
+    batch_size: int = Field(8, ge=1, description="Samples per generation batch. Higher: faster, more memory.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Score only the first N eval samples by generation; null = all of them."
+    )
+
+
+class Recipe(_Section):
+    """A full fine-tuning recipe: model, what to tune, adapters, data, training and evaluation."""
+
+    model: ModelConfig = Field(description="The checkpoint and how to load it.")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Trainability of each part.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings for LoRA-tuned parts.")
+    data: DataConfig = Field(description="Training and evaluation data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization and checkpointing.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation by generation.")
+
+    @model_validator(mode="after")
+    def _check_parts(self) -> Recipe:
+        tune = self.tune
+        if tune.llm == tune.vision_tower == tune.mm_projector == "frozen":
+            raise ValueError(
+                "tune: llm, vision_tower and mm_projector are all frozen: nothing to train. "
+                "Set at least one, e.g. tune.llm=lora."
+            )
+        if self.eval.enabled and self.data.eval_split is None:
+            raise ValueError(
+                "eval.enabled is true but data.eval_split is null: name an eval split, "
+                "or set eval.enabled=false."
+            )
+        return self
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model class of a nested section field, or None for a leaf field."""
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _is_text(annotation: Any) -> bool:
+    """Whether a field takes only text (`str` or `str | None`)."""
+    args = typing.get_args(annotation) or (annotation,)
+    return set(args) - {type(None)} == {str}
+
+
+def _unknown_key(keys: Sequence[str]) -> str:
+    """Message for an unknown dotted key: the closest valid key and all valid keys at that level."""
+    cls: type[BaseModel] = Recipe
+    for key in keys[:-1]:
+        cls = _section_model(cls.model_fields[key].annotation)
+    valid = list(cls.model_fields)
+    close = difflib.get_close_matches(keys[-1], valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    where = f"under '{'.'.join(keys[:-1])}'" if len(keys) > 1 else "at the top level"
+    return f"unknown key '{'.'.join(keys)}'{hint}. Valid keys {where}: {', '.join(valid)}"
+
+
+def _field_for(keys: Sequence[str]) -> Any:
+    """The pydantic FieldInfo at a dotted key path.
+
+    Raises:
+        ValueError: if a key is unknown or a leaf field is addressed like a section.
+    """
+    cls: type[BaseModel] | None = Recipe
+    for depth, key in enumerate(keys):
+        if cls is None:
+            raise ValueError(f"'{'.'.join(keys[:depth])}' is a value, not a section: it has no key '{key}'")
+        if key not in cls.model_fields:
+            raise ValueError(_unknown_key(keys[: depth + 1]))
+        field = cls.model_fields[key]
+        cls = _section_model(field.annotation)
+    return field
+
+
+def _parse_value(raw: str, field: Any) -> Any:
+    """An override value as YAML; text fields keep a value verbatim unless it is YAML text or null."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        if _is_text(field.annotation):
+            return raw
+        raise ValueError(f"cannot parse value {raw!r} as YAML: {err}") from None
+    if _is_text(field.annotation) and value is not None and not isinstance(value, str):
+        return raw  # e.g. data.train_split=2024 or a system prompt with a colon
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Returns a copy of a raw recipe dict with `dotted.key=value` overrides set.
+
+    Values are parsed as YAML, so `train.max_steps=20` is an int, `lora.target_modules=[q_proj,v_proj]`
+    a list and `data.eval_split=null` None; text fields (e.g. `data.system_prompt`) keep any other value
+    verbatim. Sections that the dict lacks are created. Types are checked later, by the schema.
+
+    Args:
+        data: recipe as parsed from YAML (not modified).
+        overrides: `dotted.key=value` strings, applied in order.
+
+    Returns:
+        The new dict.
+
+    Raises:
+        ValueError: for an override without `=`, an unknown key (with the closest valid one), or a
+            non-text value that is not valid YAML.
+    """
+    data = copy.deepcopy(data)
+    for override in overrides:
+        dotted, sep, raw = override.partition("=")
+        dotted = dotted.strip()
+        if not sep or not dotted:
+            raise ValueError(
+                f"override {override!r} is not of the form dotted.key=value (e.g. train.max_steps=20)"
+            )
+        keys = dotted.split(".")
+        try:
+            value = _parse_value(raw.strip(), _field_for(keys))
+        except ValueError as err:
+            raise ValueError(f"override {override!r}: {err}") from None
+        node = data
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    return data
+
+
+def _fill_empty_sections(data: dict[str, Any], cls: type[BaseModel] = Recipe) -> None:
+    """Turns sections written with no keys (`eval:` alone reads as null) into {} so they get defaults."""
+    for name, field in cls.model_fields.items():
+        section = _section_model(field.annotation)
+        if section and name in data:
+            if data[name] is None:
+                data[name] = {}
+            if isinstance(data[name], dict):
+                _fill_empty_sections(data[name], section)
+
+
+def _format_error(err: dict[str, Any], overrides: Sequence[str]) -> str:
+    """One line per pydantic error: `dotted.key: reason (got value)`, plus the override that set it."""
+    loc = tuple(str(part) for part in err["loc"])
+    dotted = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        return _unknown_key(loc)
+    if err["type"] == "missing":
+        if _section_model(_field_for(loc).annotation):
+            return f"{dotted}: required section missing (add a '{loc[-1]}:' section)"
+        return f"{dotted}: required but missing (set it in the file or pass {dotted}=...)"
+    if err["type"] == "value_error":  # our validators name their dotted keys themselves
+        message = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
+    else:
+        message = f"{dotted}: {err['msg']} (got {err['input']!r})"
+    set_by = [o for o in overrides if dotted and (dotted + ".").startswith(o.partition("=")[0].strip() + ".")]
+    return message + (f" [set by override {set_by[-1]!r}]" if set_by else "")
+
+
+def parse_recipe(data: Any, overrides: Sequence[str] = (), source: str = "<recipe>") -> Recipe:
+    """Validates a raw recipe (a dict, as parsed from YAML) after applying overrides.
+
+    Args:
+        data: the recipe mapping; None counts as empty.
+        overrides: `dotted.key=value` strings (see `apply_overrides`).
+        source: name used in error messages, usually the YAML file's path.
+
+    Returns:
+        The validated `Recipe`.
+
+    Raises:
+        RecipeError: listing every problem, one `source: dotted.key: reason` line each.
+    """
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{source}: the recipe must be a mapping of sections (model, data, ...), "
+            f"got {type(data).__name__}"
+        )
+    try:
+        data = apply_overrides(data, overrides)
+    except ValueError as err:
+        raise RecipeError(f"{source}: {err}") from None
+    _fill_empty_sections(data)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        lines = [f"{source}: {_format_error(e, overrides)}" for e in err.errors(include_url=False)]
+        raise RecipeError("\n".join(lines)) from None
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Loads a YAML recipe, applies `dotted.key=value` overrides and validates it.
+
+    Args:
+        path: the YAML file.
+        overrides: e.g. `["train.max_steps=20", "lora.target_modules=[q_proj,v_proj]"]`.
+
+    Returns:
+        The validated `Recipe`. Relative paths inside it are kept as written (relative to the
+        current working directory).
+
+    Raises:
+        RecipeError: if the file is missing or is not valid YAML (with the line), or for an unknown key,
+            a bad override or an invalid value (naming the file and each dotted key).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read recipe ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and context_mark:
+            problem += f" ({context} started on line {context_mark.line + 1})"
+        raise RecipeError(f"{where}: invalid YAML: {problem}") from None
+    recipe = parse_recipe(data, overrides, source=str(path))
+    logger.debug("loaded recipe %s with overrides %s", path, list(overrides))
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, every field included, to save next to a run's outputs.
+
+    `load_recipe` on this text gives back an equal `Recipe`.
+    """
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
