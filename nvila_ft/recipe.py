@@ -57,6 +57,11 @@ class ModelConfig(_Section):
         description="Image tiling: dynamic_s2 (NVILA: 448/896/1344 px scales), dynamic (NVILA-Lite: up to "
         "max_tiles 448 px tiles + thumbnail), resize (one 448 px tile). null = the checkpoint's config.",
     )
+    tiny_variant: Literal["nvila", "nvila-lite"] | None = Field(
+        None,
+        description="Offline demos and tests: if model.path does not exist, build a tiny random checkpoint "
+        "of this variant there first (python -m nvila_ft.tiny). null = the checkpoint must exist.",
+    )
     max_tiles: int | None = Field(
         None,
         ge=1,
@@ -129,6 +134,11 @@ class DataConfig(_Section):
     path: str = Field(
         description="Local folder or file, or a Hugging Face dataset id. For llava format, a JSON file or a "
         "folder holding <split>.json per split."
+    )
+    builtin: Literal["quickstart"] | None = Field(
+        None,
+        description="quickstart: if data.path does not exist, build the small offline medical set there "
+        "(real DICOM images shipped with pydicom, answers from their metadata). null = use data.path as is.",
     )
     format: Literal["auto", "llava", "hf", "vqa_rad"] = Field(
         "auto",
