@@ -1,0 +1,365 @@
+"""Fine-tune NVILA with a recipe: LoRA on the LLM, LayerNorm-only vision tower, full projector (paper default).
+
+    accelerate launch -m nvila_ft.train recipes/medical.yaml [key=value ...]
+    python -m nvila_ft.train recipes/quickstart.yaml train.max_steps=10
+
+Steps: recipe -> checkpoint (+ tiny/quickstart bootstrap) -> data + preflight -> per-part tuning ->
+`transformers.Trainer` (resumable checkpoints, TensorBoard) -> adapter + non-LoRA trainables ->
+VQA evaluation -> `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+
+from .data import load_samples, preflight
+from .evaluate import evaluate_vqa
+from .modeling import NvilaForConditionalGeneration
+from .processing import NvilaProcessor
+from .recipe import Recipe, RecipeError, load_recipe, recipe_to_yaml
+from .tuning import apply_tuning, base_model, load_non_lora, param_groups, save_non_lora, trainable_table
+
+logger = logging.getLogger("nvila_ft.train")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------- data
+class SupervisedDataset(Dataset):
+    """Encodes samples lazily; a row that fails at training time is logged and replaced by the next one.
+
+    Preflight already refused bad rows; this guards against files that change during a long run
+    (a bad row must never kill a run after an hour of training).
+    """
+
+    def __init__(self, samples: list[dict], processor: NvilaProcessor, max_failures: int = 100):
+        self.samples, self.processor, self.max_failures, self.failures = samples, processor, max_failures, 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(len(self.samples)):
+            sample = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return self.processor(sample["conversations"], sample.get("images", []), sample_id=sample.get("id"))
+            except Exception as err:  # noqa: BLE001 - any failure of one row is reported, not fatal
+                self.failures += 1
+                logger.error("skipping %s[%s] id=%s at train time: %s", sample.get("source"), sample.get("index"),
+                             sample.get("id"), err)
+                if self.failures > self.max_failures:
+                    raise RuntimeError(f"more than {self.max_failures} rows failed at train time") from err
+        raise RuntimeError("no sample of the dataset can be encoded")
+
+
+def prepare_data(recipe: Recipe, processor: NvilaProcessor, split: str, max_samples: int | None) -> list[dict]:
+    """Loads one split and runs the preflight (all rows checked, bad rows reported with file and index)."""
+    d = recipe.data
+    samples = load_samples(d.path, split, format=d.format, image_folder=d.image_folder, image_column=d.image_column,
+                           question_column=d.question_column, answer_column=d.answer_column, max_samples=max_samples)
+    if not d.preflight:
+        return samples
+
+    def length_fn(sample: dict) -> int:
+        sizes = [_image_size(im) for im in sample.get("images", [])]
+        return processor.num_tokens(sample["conversations"], sizes)
+
+    report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=length_fn, max_length=processor.max_length)
+    logger.info("%s split: %s", split, report.summary().splitlines()[0])
+    return report.ok
+
+
+def _image_size(image) -> tuple[int, int]:
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.size
+    with Image.open(image) as im:
+        return im.size
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class NvilaTrainer(Trainer):
+    """`Trainer` that saves and restores the non-LoRA trainables (projector, vision LayerNorms) next to the
+    PEFT adapter, so that checkpoints and resume cover everything the recipe trains."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if hasattr(model, "peft_config"):  # adapter_config.json + adapter_model.safetensors
+            model.save_pretrained(output_dir)
+        save_non_lora(model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self.model
+        if hasattr(model, "peft_config"):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = load_non_lora(model, resume_from_checkpoint)
+        logger.info("resumed %d non-LoRA tensors from %s", len(loaded), resume_from_checkpoint)
+
+
+class DenseLog(ProgressCallback):
+    """Progress bar plus one dense line per logging step: `step | loss | lr | samples/s | mem`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        if torch.cuda.is_available():
+            mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GB cuda"
+        else:
+            mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB rss"
+        elapsed = time.time() - getattr(self, "_t0", time.time())
+        self._t0 = time.time()
+        done = state.global_step - getattr(self, "_last_step", 0)
+        self._last_step = state.global_step
+        rate = done * args.per_device_train_batch_size * args.gradient_accumulation_steps / max(elapsed, 1e-9)
+        line = (f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
+                f"lr {logs.get('learning_rate', 0):.2e} | {rate:.2f} samples/s | mem {mem}")
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._t0, self._last_step = time.time(), state.global_step
+
+
+class PeriodicEval(TrainerCallback):
+    """Generation-based VQA evaluation every `eval.eval_steps` optimizer steps."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = self.run.recipe.eval.eval_steps
+        if every and state.global_step % every == 0 and state.global_step < state.max_steps:
+            metrics = self.run.evaluate(tag=f"step{state.global_step}")
+            self.run.trainer.log({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+
+
+# ---------------------------------------------------------------------------------------------- run
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """Newest `checkpoint-<step>` folder that was completely written (has `trainer_state.json`, saved last)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
+    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+
+
+def mixed_precision(recipe: Recipe) -> str:
+    """Resolves `train.mixed_precision: auto` to bf16 on a GPU that supports it, else no."""
+    mp = recipe.train.mixed_precision
+    if mp == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return mp
+
+
+def run_info(recipe: Recipe) -> dict:
+    """What ran: package versions, git commit of this kit, platform."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    pkgs = ["nvila-ft", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes"]
+    versions = {}
+    for p in pkgs:
+        try:
+            versions[p] = version(p)
+        except Exception:  # noqa: BLE001 - optional packages
+            versions[p] = None
+    return {"base_model": recipe.model.path, "git_commit": commit, "versions": versions,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+class TrainingRun:
+    """One fine-tuning run wired from a recipe (used by :func:`main` and the Python API)."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.output_dir = Path(recipe.train.output_dir)
+        self.trainer: NvilaTrainer | None = None
+
+    # -- setup
+    def bootstrap(self) -> None:
+        """Builds the tiny checkpoint / quickstart data when the recipe asks for them and they are missing."""
+        m, d = self.recipe.model, self.recipe.data
+        if m.tiny_variant and not Path(m.path).exists():
+            from .tiny import build_tiny_checkpoint
+
+            logger.info("building tiny %s checkpoint at %s (model.tiny_variant)", m.tiny_variant, m.path)
+            build_tiny_checkpoint(m.path, variant=m.tiny_variant, seed=0)
+        if d.builtin == "quickstart" and not Path(d.path).exists():
+            from .quickstart_data import build_quickstart_dataset
+
+            logger.info("building the quickstart medical set at %s (data.builtin)", d.path)
+            build_quickstart_dataset(d.path)
+
+    def load_model(self):
+        m, tune, train = self.recipe.model, self.recipe.tune, self.recipe.train
+        dtype = _DTYPES[m.dtype]
+        quant = None
+        if tune.llm == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                       bnb_4bit_compute_dtype=dtype)
+        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
+        model = NvilaForConditionalGeneration.from_pretrained(
+            m.path, dtype=dtype, attn_implementation=m.attn_implementation, llm_quantization_config=quant,
+            device_map=device_map)
+        if torch.cuda.is_available():
+            model.vision_tower.to(model.llm.device)
+            model.mm_projector.to(model.llm.device)
+        if quant is not None:
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=train.gradient_checkpointing.llm,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+        gc_parts = [p for p in ("llm", "vision_tower") if getattr(train.gradient_checkpointing, p)]
+        if gc_parts:
+            model.gradient_checkpointing_enable(parts=gc_parts)
+        processor = NvilaProcessor(model.tokenizer, model.config, image_aspect_ratio=m.image_aspect_ratio,
+                                   max_tiles=m.max_tiles, max_length=self.recipe.data.max_length,
+                                   system_prompt=self.recipe.data.system_prompt)
+        model = apply_tuning(model, tune, self.recipe.lora)
+        if mixed_precision(self.recipe) != "no":
+            # Trainables in fp32 under autocast: AdamW on bf16 weights loses small updates.
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        self.model, self.processor = model, processor
+        return model, processor
+
+    def load_data(self) -> None:
+        d = self.recipe.data
+        self.train_samples = prepare_data(self.recipe, self.processor, d.train_split, d.max_train_samples)
+        if not self.train_samples:
+            raise RuntimeError(f"{d.path}: no usable training rows in split {d.train_split!r}")
+        self.eval_samples = []
+        if self.recipe.eval.enabled and d.eval_split:
+            limit = self.recipe.eval.max_samples or d.max_eval_samples
+            self.eval_samples = prepare_data(self.recipe, self.processor, d.eval_split, limit)
+
+    def build_trainer(self) -> NvilaTrainer:
+        r, t = self.recipe, self.recipe.train
+        mp = mixed_precision(r)
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.output_dir / "logs"))
+        args = TrainingArguments(
+            output_dir=str(self.output_dir), per_device_train_batch_size=t.per_device_train_batch_size,
+            per_device_eval_batch_size=t.per_device_eval_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps, num_train_epochs=t.num_train_epochs,
+            max_steps=t.max_steps, learning_rate=t.lr, weight_decay=t.weight_decay,
+            lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio, logging_steps=t.logging_steps,
+            save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit, seed=t.seed,
+            bf16=mp == "bf16", fp16=mp == "fp16", report_to=t.report_to, remove_unused_columns=False,
+            label_names=["labels"], dataloader_num_workers=t.dataloader_num_workers, gradient_checkpointing=False,
+            use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
+        )
+        groups = param_groups(self.model, t)
+        print(trainable_table(base_model(self.model), groups), flush=True)
+        optimizer = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k not in ("names", "name")} for g in groups], lr=t.lr,
+            weight_decay=t.weight_decay)
+        self.trainer = NvilaTrainer(
+            model=self.model, args=args, train_dataset=SupervisedDataset(self.train_samples, self.processor),
+            data_collator=self.processor.collate, processing_class=self.processor.tokenizer,
+            optimizers=(optimizer, None), callbacks=[PeriodicEval(self)],
+        )
+        self.trainer.remove_callback(ProgressCallback)
+        self.trainer.add_callback(DenseLog())
+        return self.trainer
+
+    # -- run
+    def resume_path(self) -> str | None:
+        value = self.recipe.train.resume_from_checkpoint
+        if value == "never":
+            return None
+        if value == "auto":
+            return latest_checkpoint(self.output_dir)
+        if not Path(value).is_dir():
+            raise FileNotFoundError(f"train.resume_from_checkpoint: {value} is not a checkpoint folder")
+        return value
+
+    def evaluate(self, tag: str = "final") -> dict:
+        e = self.recipe.eval
+        if not self.eval_samples:
+            return {}
+        metrics, rows = evaluate_vqa(self.model, self.processor, self.eval_samples, e.max_new_tokens, e.batch_size)
+        if self.trainer is None or self.trainer.args.should_save:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / f"predictions_{tag}.jsonl", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        return metrics
+
+    def run(self) -> dict:
+        """Bootstrap, load, train (resuming if a checkpoint exists), save, evaluate. Returns metrics."""
+        self.bootstrap()
+        self.load_model()
+        self.load_data()
+        self.build_trainer()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+        (self.output_dir / "run_info.json").write_text(json.dumps(run_info(self.recipe), indent=2))
+        resume = self.resume_path()
+        if resume:
+            logger.info("resuming from %s", resume)
+        result = self.trainer.train(resume_from_checkpoint=resume)
+        self.trainer.save_model(str(self.output_dir))
+        metrics = {"train": {k: v for k, v in result.metrics.items()}, "train_samples": len(self.train_samples)}
+        eval_metrics = self.evaluate("final")
+        if eval_metrics:
+            metrics["eval"] = eval_metrics
+            self.trainer.log({f"eval_{k}": v for k, v in eval_metrics.items() if isinstance(v, float)})
+        if self.trainer.args.should_save:
+            tmp = self.output_dir / "metrics.json.tmp"
+            tmp.write_text(json.dumps(metrics, indent=2))
+            os.replace(tmp, self.output_dir / "metrics.json")
+            print(json.dumps(metrics, indent=2), flush=True)
+        return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nvila_ft.train", description=__doc__.split("\n\n")[0],
+        epilog="Example: accelerate launch -m nvila_ft.train recipes/medical.yaml train.max_steps=100 lora.r=16")
+    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    TrainingRun(recipe).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
