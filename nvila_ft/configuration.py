@@ -131,3 +131,16 @@ def _as_dict(cfg) -> dict:
     if isinstance(cfg, PretrainedConfig):
         return cfg.to_dict()
     return dict(cfg)
+
+
+def with_v4_keys(cfg: dict) -> dict:
+    """Adds the transformers 4.x spellings (`torch_dtype`, `rope_theta`) that the official NVILA code reads.
+
+    The official code pins transformers 4.46, which ignores v5's `dtype` / `rope_parameters` and would fall back
+    to rope_theta 10000; transformers 5 accepts both spellings.
+    """
+    cfg = {**cfg, "torch_dtype": cfg.get("dtype") or "bfloat16"}
+    if cfg.get("rope_parameters"):
+        cfg.setdefault("rope_theta", cfg["rope_parameters"]["rope_theta"])
+        cfg.setdefault("rope_scaling", None)
+    return cfg

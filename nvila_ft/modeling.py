@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, SiglipVisionModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration import IGNORE_INDEX, MEDIA_TOKENS, SENTINEL_TOKEN, NvilaConfig
+from .configuration import IGNORE_INDEX, MEDIA_TOKENS, SENTINEL_TOKEN, NvilaConfig, with_v4_keys
 from .projector import MultimodalProjector
 
 logger = logging.getLogger(__name__)
@@ -224,8 +224,13 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             }, indent=2))
             save_file({k: v.contiguous() for k, v in parts["mm_projector"].items()},
                       tmp / "mm_projector" / "model.safetensors", metadata={"format": "pt"})
-            self.config.llm_cfg = self.llm.config.to_dict()
-            self.config.vision_tower_cfg = self.vision_tower.config.to_dict()
+            # transformers 5 writes `dtype` / `rope_parameters`; the official 4.46 code reads `torch_dtype` /
+            # `rope_theta` (and would silently fall back to rope_theta 10000): write both spellings.
+            for sub in ("llm", "vision_tower"):
+                cfg_path = tmp / sub / "config.json"
+                cfg_path.write_text(json.dumps(with_v4_keys(json.loads(cfg_path.read_text())), indent=2))
+            self.config.llm_cfg = with_v4_keys(self.llm.config.to_dict())
+            self.config.vision_tower_cfg = with_v4_keys(self.vision_tower.config.to_dict())
             self.config.architectures = ["LlavaLlamaModel"]
             self.config.save_pretrained(tmp)
             if out.exists():

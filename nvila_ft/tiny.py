@@ -45,6 +45,7 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from nvila_ft.configuration import with_v4_keys
 from nvila_ft.projector import PROJECTOR_TYPES, MultimodalProjector
 
 logger = logging.getLogger(__name__)
@@ -271,19 +272,6 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _with_v4_keys(cfg: dict) -> dict:
-    """Adds the transformers 4.x spellings (`torch_dtype`, `rope_theta`) that the official NVILA code reads.
-
-    The official code pins transformers 4.46, which ignores v5's `dtype` / `rope_parameters` and would fall back
-    to rope_theta 10000; transformers 5 accepts both spellings.
-    """
-    cfg = {**cfg, "torch_dtype": cfg.get("dtype") or "bfloat16"}
-    if cfg.get("rope_parameters"):
-        cfg.setdefault("rope_theta", cfg["rope_parameters"]["rope_theta"])
-        cfg.setdefault("rope_scaling", None)
-    return cfg
-
-
 def _save_tokenizer(tokenizer: Qwen2Tokenizer, out: Path) -> None:
     """Saves `tokenizer` with the official file set (v5 writes tokenizer.json/tokenizer_config.json only)."""
     tokenizer.save_pretrained(out, save_jinja_files=False)  # chat template inside tokenizer_config.json
@@ -431,12 +419,12 @@ def _write_checkpoint(out: Path, spec: TinySpec, variant: str, seed: int) -> Non
 
     llm_dir, vt_dir, proj_dir = out / "llm", out / "vision_tower", out / "mm_projector"
     llm.save_pretrained(llm_dir)
-    _write_json(llm_dir / "config.json", _with_v4_keys(llm_cfg.to_diff_dict()))
+    _write_json(llm_dir / "config.json", with_v4_keys(llm_cfg.to_diff_dict()))
     _save_tokenizer(tokenizer, llm_dir)
 
     # transformers 5 saves SiglipVisionModel without the `vision_model.` prefix; the official files have it.
     vt_dir.mkdir()
-    _write_json(vt_dir / "config.json", _with_v4_keys(vt_cfg.to_diff_dict()))
+    _write_json(vt_dir / "config.json", with_v4_keys(vt_cfg.to_diff_dict()))
     state = {f"vision_model.{k}": v.contiguous() for k, v in vision_tower.state_dict().items()}
     save_file(state, vt_dir / "model.safetensors", metadata={"format": "pt"})
     SiglipImageProcessorPil(
@@ -451,12 +439,12 @@ def _write_checkpoint(out: Path, spec: TinySpec, variant: str, seed: int) -> Non
     ).save_pretrained(vt_dir)
 
     proj_dir.mkdir()
-    _write_json(proj_dir / "config.json", _with_v4_keys(proj_cfg.to_diff_dict()))
+    _write_json(proj_dir / "config.json", with_v4_keys(proj_cfg.to_diff_dict()))
     state = {k: v.contiguous() for k, v in mm_projector.state_dict().items()}
     save_file(state, proj_dir / "model.safetensors", metadata={"format": "pt"})
 
     sub = {
-        name: _with_v4_keys(cfg.to_dict())
+        name: with_v4_keys(cfg.to_dict())
         for name, cfg in [("llm", llm_cfg), ("vision_tower", vt_cfg), ("mm_projector", proj_cfg)]
     }
     _write_json(

@@ -235,6 +235,12 @@ class TrainingRun:
         if torch.cuda.is_available():
             model.vision_tower.to(model.llm.device)
             model.mm_projector.to(model.llm.device)
+        if quant is not None and not torch.cuda.is_available():
+            # bitsandbytes' CPU inference path repacks 4-bit weights in place on the first eval-mode call
+            # (and needs in_features % 64 == 0); training alternates train/eval, so keep the plain format.
+            for module in model.llm.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
         if quant is not None:
             from peft import prepare_model_for_kbit_training
 
