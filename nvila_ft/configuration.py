@@ -7,8 +7,7 @@ kept as attributes and written back unchanged on save.
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig, Qwen2Config, SiglipVisionConfig
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig, Qwen2Config, SiglipVisionConfig
 
 from .image_processing import TilingConfig
 

@@ -283,7 +283,7 @@ class TrainingRun:
             lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio, logging_steps=t.logging_steps,
             save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit, seed=t.seed,
             bf16=mp == "bf16", fp16=mp == "fp16", report_to=t.report_to, remove_unused_columns=False,
-            label_names=["labels"], dataloader_num_workers=t.dataloader_num_workers, gradient_checkpointing=False,
+            label_names=["labels"], dataloader_num_workers=t.dataloader_num_workers,
             use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
         )
         groups = param_groups(self.model, t)

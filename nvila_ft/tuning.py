@@ -154,11 +154,17 @@ def param_groups(model: nn.Module, train) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
+def numel(p: torch.Tensor) -> int:
+    """Logical parameter count (a bitsandbytes 4-bit tensor stores two values per byte)."""
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None else p.numel()
+
+
 def trainable_table(model: nn.Module, groups: list[dict]) -> str:
     """Start-up table: trainable / total parameters per part, then each learning-rate group."""
     rows = ["part           trainable        total   share"]
     for part in PARTS:
-        total = sum(p.numel() for n, p in model.named_parameters() if part_of(n) == part and "lora_" not in n)
+        total = sum(numel(p) for n, p in model.named_parameters() if part_of(n) == part and "lora_" not in n)
         trainable = sum(p.numel() for n, p in model.named_parameters() if part_of(n) == part and p.requires_grad)
         rows.append(f"{part:<14}{trainable:>10,} {total:>12,}  {100 * trainable / max(total, 1):6.2f}%")
     rows.append("lr group                     params        lr   weight_decay")
