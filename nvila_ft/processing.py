@@ -9,6 +9,8 @@ Behaviour pinned by `../shared/parity` (NVIDIA's own implementation):
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -94,6 +96,17 @@ class NvilaProcessor:
         folder = resolve_checkpoint(path_or_id)
         config = NvilaConfig.from_json_file(str(Path(folder) / "config.json"))
         return cls(load_tokenizer(folder), config, **kwargs)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Writes `processor_config.json` (tiling, max_length, system prompt) and the tokenizer to `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder)
+        config = {**dataclasses.asdict(self.tiling), "max_length": self.max_length,
+                  "system_prompt": self.system_prompt, "tokens_per_tile": self.tokens_per_tile}
+        path = folder / "processor_config.json"
+        path.write_text(json.dumps(config, indent=2))
+        return path
 
     # ------------------------------------------------------------------ media
     def _image_mode_single(self, n_images: int) -> bool:

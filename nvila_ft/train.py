@@ -330,6 +330,7 @@ class TrainingRun:
         self.build_trainer()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+        self.processor.save_pretrained(self.output_dir)
         (self.output_dir / "run_info.json").write_text(json.dumps(run_info(self.recipe), indent=2))
         resume = self.resume_path()
         if resume:
