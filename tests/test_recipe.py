@@ -40,7 +40,7 @@ def test_shipped_recipes_load(name: str) -> None:
 
 def test_shipped_recipe_values() -> None:
     medical = load_recipe(RECIPES / "medical.yaml")
-    assert medical.data.path == "flaviagiammarino/vqa-rad" and medical.data.format == "hf"
+    assert medical.data.path == "flaviagiammarino/vqa-rad" and medical.data.format == "auto"
     assert medical.train.num_train_epochs == 3 and medical.train.gradient_checkpointing.llm
     quick = load_recipe(RECIPES / "quickstart.yaml")
     assert quick.model.path == "runs/quickstart/tiny-nvila"  # relative paths are kept as typed
