@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import types
 import typing
 import warnings
 from collections.abc import Sequence
@@ -349,7 +350,8 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
 
 def _is_text(annotation: Any) -> bool:
     """Whether a field takes only text (`str` or `str | None`)."""
-    args = typing.get_args(annotation) or (annotation,)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(annotation) if union else (annotation,)
     return set(args) - {type(None)} == {str}
 
 

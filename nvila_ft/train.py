@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
 from .data import load_samples, preflight
@@ -252,6 +253,7 @@ class TrainingRun:
         processor = NvilaProcessor(model.tokenizer, model.config, image_aspect_ratio=m.image_aspect_ratio,
                                    max_tiles=m.max_tiles, max_length=self.recipe.data.max_length,
                                    system_prompt=self.recipe.data.system_prompt)
+        set_seed(train.seed)  # adapter init (peft draws lora_A from the global RNG) follows train.seed
         model = apply_tuning(model, tune, self.recipe.lora)
         if mixed_precision(self.recipe) != "no":
             # Trainables in fp32 under autocast: AdamW on bf16 weights loses small updates.
@@ -274,7 +276,6 @@ class TrainingRun:
     def build_trainer(self) -> NvilaTrainer:
         r, t = self.recipe, self.recipe.train
         mp = mixed_precision(r)
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.output_dir / "logs"))
         args = TrainingArguments(
             output_dir=str(self.output_dir), per_device_train_batch_size=t.per_device_train_batch_size,
             per_device_eval_batch_size=t.per_device_eval_batch_size,
@@ -298,6 +299,9 @@ class TrainingRun:
         )
         self.trainer.remove_callback(ProgressCallback)
         self.trainer.add_callback(DenseLog())
+        for callback in self.trainer.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = str(self.output_dir / "logs")  # per run; TENSORBOARD_LOGGING_DIR wins
         return self.trainer
 
     # -- run

@@ -187,6 +187,7 @@ def non_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_non_lora(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Writes :func:`non_lora_state_dict` to `folder/non_lora_trainables.safetensors` atomically."""
     path = Path(folder) / NON_LORA_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(non_lora_state_dict(model), tmp, metadata={"format": "pt"})
     os.replace(tmp, path)
@@ -206,6 +207,9 @@ def load_non_lora(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     missing = [k for k in state if k not in params]
     if missing:
         raise KeyError(f"{path}: tensors not in the model: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(params[k].shape)}" for k, v in state.items() if v.shape != params[k].shape]
+    if wrong:
+        raise ValueError(f"{path}: tensor shapes differ from the model's: {wrong[:5]}")
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v.to(params[k].device, params[k].dtype))
