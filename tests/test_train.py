@@ -49,14 +49,7 @@ LR, VISION_LR_RATIO = 1e-3, 10.0  # as in SMALL
 N_VISION_LAYERS = 3  # tiny SigLIP (nvila_ft.tiny.TinySpec); features come from layer 2 of 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine OpenMP threads
-    waiting for each other behind another busy process made steps ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

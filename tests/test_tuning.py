@@ -40,14 +40,7 @@ LORA = LoraConfig(r=4, alpha=8, dropout=0.0)
 _LAYER = re.compile(r"^vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine OpenMP threads
-    waiting for each other behind another busy process made steps ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
