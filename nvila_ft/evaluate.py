@@ -74,12 +74,12 @@ def evaluate_vqa(
         with `id`, `question`, `reference`, `prediction`, `answer_type`.
     """
     predictions = generate_answers(model, processor, samples, max_new_tokens, batch_size, progress)
-    references = [split_prompt(s)[1] for s in samples]
+    prompts = [split_prompt(s) for s in samples]
+    references = [reference for _, reference in prompts]
     types = [s.get("answer_type") for s in samples]
     metrics = vqa_metrics(predictions, references, types)
     rows = [
-        {"id": s.get("id"), "question": split_prompt(s)[0][-1]["value"], "reference": r, "prediction": p,
-         "answer_type": t}
-        for s, r, p, t in zip(samples, references, predictions, types)
+        {"id": s.get("id"), "question": turns[-1]["value"], "reference": r, "prediction": p, "answer_type": t}
+        for s, (turns, r), p, t in zip(samples, prompts, predictions, types)
     ]
     return metrics, rows

@@ -79,6 +79,17 @@ def closest_grid(width: int, height: int, grids: list[tuple[int, int]], tile_siz
     return best
 
 
+def tile_grid(width: int, height: int, cfg: TilingConfig) -> tuple[int, int]:
+    """(cols, rows) of the aspect-aware tiling: the whole image for `dynamic`, the last scale for `dynamic_s2`
+    (which needs at least (last/first scale)^2 tiles, 9 for 448/896/1344)."""
+    if cfg.image_aspect_ratio == "dynamic":
+        low, high = cfg.min_tiles, cfg.max_tiles
+    else:
+        low = (cfg.s2_scales[-1] // cfg.s2_scales[0]) ** 2
+        high = max(cfg.max_tiles, low)
+    return closest_grid(width, height, candidate_grids(low, high), cfg.tile_size)
+
+
 def _cut_tiles(image: Image.Image, cols: int, rows: int, tile: int) -> list[Image.Image]:
     """Resizes `image` (bicubic) to (cols*tile, rows*tile) and cuts it into row-major tiles."""
     resized = image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC)
@@ -109,8 +120,8 @@ def tile_image(image: Image.Image, cfg: TilingConfig, single: bool = False) -> t
     if single or cfg.image_aspect_ratio == "resize":
         return [image.resize((t, t), Image.Resampling.BICUBIC)], None
     w, h = image.size
+    cols, rows = tile_grid(w, h, cfg)
     if cfg.image_aspect_ratio == "dynamic":
-        cols, rows = closest_grid(w, h, candidate_grids(cfg.min_tiles, cfg.max_tiles), t)
         tiles = _cut_tiles(image, cols, rows, t)
         if len(tiles) > 1:
             tiles.append(image.resize((t, t), Image.Resampling.BICUBIC))
@@ -121,8 +132,6 @@ def tile_image(image: Image.Image, cfg: TilingConfig, single: bool = False) -> t
     for scale in scales[:-1]:
         n = scale // scales[0]
         tiles += _cut_tiles(image, n, n, t)
-    min_last = (scales[-1] // scales[0]) ** 2
-    cols, rows = closest_grid(w, h, candidate_grids(min_last, max(cfg.max_tiles, min_last)), t)
     tiles += _cut_tiles(image, cols, rows, t)
     return tiles, (rows, cols)
 
@@ -157,11 +166,8 @@ def num_tiles(width: int, height: int, cfg: TilingConfig, single: bool = False) 
     """Tile count and block size for an image of this size, without touching pixels (for planning/preflight)."""
     if single or cfg.image_aspect_ratio == "resize":
         return 1, None
-    t = cfg.tile_size
+    cols, rows = tile_grid(width, height, cfg)
     if cfg.image_aspect_ratio == "dynamic":
-        cols, rows = closest_grid(width, height, candidate_grids(cfg.min_tiles, cfg.max_tiles), t)
         return cols * rows + (1 if cols * rows > 1 else 0), None
     scales = cfg.s2_scales
-    min_last = (scales[-1] // scales[0]) ** 2
-    cols, rows = closest_grid(width, height, candidate_grids(min_last, max(cfg.max_tiles, min_last)), t)
     return sum((s // scales[0]) ** 2 for s in scales[:-1]) + rows * cols, (rows, cols)

@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 BlockSizes = Sequence[tuple[int, int] | None] | torch.Tensor | None
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Recipe / config dtype names -> torch dtypes.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
@@ -159,7 +160,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             FileNotFoundError: missing folder, sub-folder or hub id.
         """
         folder = resolve_checkpoint(path_or_id, revision)
-        dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         for part in ("llm", "vision_tower", "mm_projector"):
             if not (folder / part).is_dir():
                 raise FileNotFoundError(f"{folder}: missing {part}/ (official NVILA layout expected)")
@@ -180,7 +181,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         mm_projector.load_state_dict(load_file(folder / "mm_projector" / "model.safetensors"))
         mm_projector.to(dtype=dtype, device=llm.get_input_embeddings().weight.device)
 
-        _resize_embeddings_like_official(llm, len(tokenizer), _DTYPES.get(config.model_dtype.split(".")[-1]))
+        _resize_embeddings_like_official(llm, len(tokenizer), DTYPES.get(config.model_dtype.split(".")[-1]))
         config.llm_cfg = llm.config.to_dict()
         config.image_token_id = tokenizer.media_token_ids["image"]
         config.video_token_id = tokenizer.media_token_ids["video"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from PIL import Image
 
 from .configuration import IGNORE_INDEX, MEDIA_TOKENS, NvilaConfig
 from .image_processing import TilingConfig, num_tiles, preprocess_image
-from .projector import STC_FACTOR
+from .projector import num_output_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +83,7 @@ class NvilaProcessor:
         self.image_token_id = tokenizer.media_token_ids["image"]
         self.end_token_ids = tokenizer("\n", add_special_tokens=False).input_ids
         patches = (self.tiling.tile_size // config.vision_tower_cfg.get("patch_size", 14)) ** 2
-        k = STC_FACTOR.get(config.mm_projector_type, 1)
-        side = math.isqrt(patches)
-        self.tokens_per_tile = patches if k == 1 else (-(-side // k)) ** 2
+        self.tokens_per_tile = num_output_tokens(config.mm_projector_type, patches)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs) -> NvilaProcessor:

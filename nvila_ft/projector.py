@@ -53,6 +53,13 @@ def spatial_to_channel(x: torch.Tensor, k: int) -> torch.Tensor:
     return grid.reshape(b, g * g, k * k * c)
 
 
+def num_output_tokens(mm_projector_type: str, num_input_tokens: int) -> int:
+    """Tokens out of the projector for `num_input_tokens` (a square count) in: ceil(sqrt(N)/k)**2 for a
+    k x k STC projector (32x32 -> 256 for 2x2, 121 for 3x3), N otherwise."""
+    k = STC_FACTOR.get(mm_projector_type, 1)
+    return num_input_tokens if k == 1 else (-(-math.isqrt(num_input_tokens) // k)) ** 2
+
+
 class SpatialToChannel(nn.Module):
     """`nn.Module` wrapper of :func:`spatial_to_channel` (index 0 of the projector Sequential)."""
 
@@ -123,10 +130,8 @@ class MultimodalProjector(nn.Module):
         return STC_FACTOR.get(self.mm_projector_type, 1)
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
-        """Tokens out for `num_input_tokens` (a square count) in: ceil(sqrt(N)/k)**2."""
-        k = self.downsample
-        f = math.isqrt(num_input_tokens)
-        return num_input_tokens if k == 1 else (-(-f // k)) ** 2
+        """Tokens out for `num_input_tokens` (a square count) in; see :func:`num_output_tokens`."""
+        return num_output_tokens(self.mm_projector_type, num_input_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)

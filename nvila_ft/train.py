@@ -30,15 +30,12 @@ from transformers.trainer_callback import ProgressCallback
 
 from .data import load_samples, preflight
 from .evaluate import evaluate_vqa
-from .modeling import NvilaForConditionalGeneration
+from .modeling import DTYPES, NvilaForConditionalGeneration
 from .processing import NvilaProcessor
 from .recipe import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from .tuning import apply_tuning, base_model, load_non_lora, param_groups, save_non_lora, trainable_table
 
 logger = logging.getLogger("nvila_ft.train")
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 # ---------------------------------------------------------------------------------------------- data
 class SupervisedDataset(Dataset):
@@ -222,7 +219,7 @@ class TrainingRun:
 
     def load_model(self):
         m, tune, train = self.recipe.model, self.recipe.tune, self.recipe.train
-        dtype = _DTYPES[m.dtype]
+        dtype = DTYPES[m.dtype]
         quant = None
         if tune.llm == "qlora":
             from transformers import BitsAndBytesConfig
