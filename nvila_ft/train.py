@@ -188,7 +188,9 @@ def run_info(recipe: Recipe) -> dict:
             versions[p] = version(p)
         except Exception:  # noqa: BLE001 - optional packages
             versions[p] = None
-    return {"base_model": recipe.model.path, "git_commit": commit, "versions": versions,
+    local = Path(recipe.model.path)
+    return {"base_model": recipe.model.path, "base_model_path": str(local.resolve()) if local.is_dir() else None,
+            "git_commit": commit, "versions": versions,
             "python": platform.python_version(), "platform": platform.platform(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

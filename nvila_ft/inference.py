@@ -1,0 +1,364 @@
+"""Load a checkpoint or a fine-tuned run and answer questions about images.
+
+    from nvila_ft.inference import load_model, generate
+
+    model, processor = load_model("runs/medical")        # run folder: base + adapter + non-LoRA trainables
+    print(generate(model, processor, "scan.png", "Is there a fracture?"))
+
+A *run folder* is what `nvila_ft.train` writes to `train.output_dir` (or one of its `checkpoint-<step>`
+folders): `adapter_config.json` + `adapter_model.safetensors` (PEFT LoRA, when a part used LoRA),
+`non_lora_trainables.safetensors` (projector, vision LayerNorms, anything trained in full),
+`processor_config.json`, `recipe.yaml` and `run_info.json` (which record the base checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .modeling import DTYPES, NvilaForConditionalGeneration
+from .processing import NvilaProcessor
+from .recipe import Recipe, load_recipe
+from .tuning import NON_LORA_FILE, base_model
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+PROCESSOR_CONFIG = "processor_config.json"
+RUN_FILES = (ADAPTER_CONFIG, NON_LORA_FILE)
+
+
+class RunError(ValueError):
+    """A run folder is incomplete or its base checkpoint cannot be found."""
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    """True when `path` is a folder holding trained weights (PEFT adapter or non-LoRA trainables)."""
+    folder = Path(path)
+    return folder.is_dir() and any((folder / f).is_file() for f in RUN_FILES)
+
+
+def run_recipe(run_dir: str | os.PathLike) -> Recipe:
+    """The recipe a run was trained with (`recipe.yaml` in the run or, for a `checkpoint-<step>`, its parent).
+
+    Raises:
+        RunError: no `recipe.yaml` next to the weights or one level up.
+    """
+    folder = Path(run_dir)
+    for candidate in (folder / "recipe.yaml", folder.parent / "recipe.yaml"):
+        if candidate.is_file():
+            return load_recipe(candidate)
+    raise RunError(f"{folder}: no recipe.yaml here or in {folder.parent}; is this a run folder from nvila_ft.train?")
+
+
+def base_checkpoint(run_dir: str | os.PathLike) -> str:
+    """The base checkpoint of a run: a local folder (absolute path recorded at training time, or the recipe's
+    `model.path` if it exists from here) or the recipe's hub id.
+
+    Raises:
+        RunError: the recipe names a local-looking path that does not exist from here.
+    """
+    folder = Path(run_dir)
+    for info_path in (folder / "run_info.json", folder.parent / "run_info.json"):
+        if info_path.is_file():
+            resolved = json.loads(info_path.read_text()).get("base_model_path")
+            if resolved and Path(resolved).is_dir():
+                return resolved
+            break
+    path = run_recipe(folder).model.path
+    if Path(path).is_dir():
+        return path
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise RunError(f"{folder}: base checkpoint {path!r} from its recipe does not exist from {Path.cwd()}; "
+                       "pass base=... to load_model")
+    return path  # hub id
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_processor(model: NvilaForConditionalGeneration, folder: str | os.PathLike | None = None,
+                   **overrides: Any) -> NvilaProcessor:
+    """Processor for `model`, with the tiling, `max_length` and system prompt saved in `folder/processor_config.json`
+    (a run folder) when present; keyword arguments override them."""
+    settings: dict[str, Any] = {}
+    path = Path(folder) / PROCESSOR_CONFIG if folder is not None else None
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        settings = {k: saved[k] for k in ("image_aspect_ratio", "max_tiles", "max_length", "system_prompt") if k in saved}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return NvilaProcessor(model.tokenizer, model.config, **settings)
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    quantize: bool | None = None,
+    adapter_name: str = "default",
+) -> tuple[torch.nn.Module, NvilaProcessor]:
+    """Loads a checkpoint (folder or hub id) or a fine-tuned run folder for inference (eval mode).
+
+    Args:
+        path: an NVILA checkpoint (official layout, local or hub id) or a run folder / `checkpoint-<step>`.
+        base: the base checkpoint of a run, when the one recorded in the run cannot be found from here.
+        dtype: "bfloat16" | "float16" | "float32" or a torch dtype; default the recipe's `model.dtype` for a
+            run, else float32 on a CPU and bfloat16 on a GPU.
+        device: default CUDA when available, else CPU.
+        quantize: load the LLM in 4-bit nf4 (bitsandbytes); default: as the run was trained (`tune.llm: qlora`).
+        adapter_name: name of the run's LoRA adapter inside the returned `PeftModel`.
+
+    Returns:
+        (model, processor): `model` is an :class:`NvilaForConditionalGeneration`, or a `peft.PeftModel` around
+        one when the run has a LoRA adapter; the run's non-LoRA trainables are loaded into it.
+
+    Raises:
+        RunError: a run folder without recipe or with a base that cannot be found.
+        OSError: the checkpoint cannot be found or downloaded.
+    """
+    run = is_run(path)
+    recipe = run_recipe(path) if run else None
+    checkpoint = str(base) if base is not None else (base_checkpoint(path) if run else str(path))
+    device = _device(device)
+    if dtype is None:
+        dtype = recipe.model.dtype if recipe else ("bfloat16" if device.type == "cuda" else "float32")
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if quantize is None:
+        quantize = bool(recipe and recipe.tune.llm == "qlora")
+    quant = None
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch_dtype)
+    attn = recipe.model.attn_implementation if recipe else "sdpa"
+    model = NvilaForConditionalGeneration.from_pretrained(
+        checkpoint, dtype=torch_dtype, attn_implementation=attn, llm_quantization_config=quant,
+        device_map={"": device} if device.type == "cuda" else None)
+    if quant is None:
+        model.to(device)
+    else:  # the 4-bit LLM is placed by device_map (GPU) or stays on the CPU
+        model.vision_tower.to(device)
+        model.mm_projector.to(device)
+    processor = load_processor(model, path if run else None)
+    if run:
+        model = attach_run(model, path, adapter_name)
+    model.eval()
+    return model, processor
+
+
+def attach_run(model: torch.nn.Module, run_dir: str | os.PathLike, adapter_name: str = "default") -> torch.nn.Module:
+    """Adds a run's LoRA adapter (as `adapter_name`) and loads its non-LoRA trainables into `model`.
+
+    Returns the `PeftModel` (or `model` itself for a run without LoRA). Loading a second run's non-LoRA
+    trainables overwrites the first's; use :class:`AdapterBank` to switch between runs on one base.
+    """
+    from peft import PeftModel
+
+    from .tuning import load_non_lora
+
+    folder = Path(run_dir)
+    if (folder / ADAPTER_CONFIG).is_file():
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=False)
+            model.set_adapter(adapter_name)
+        else:
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=False)
+    loaded = load_non_lora(model, folder)
+    logger.info("%s: adapter %s, %d non-LoRA tensors", folder, (folder / ADAPTER_CONFIG).is_file(), len(loaded))
+    return model
+
+
+class AdapterBank:
+    """Several fine-tuned runs on one base model, switched without reloading the base.
+
+    LoRA adapters are switched with PEFT (`set_adapter`, or adapter layers disabled for the base); the
+    non-LoRA trainables of each run (projector, vision LayerNorms) are kept on the CPU and copied into the
+    model on :meth:`activate`, with the base's own values restored for `None`.
+
+        bank = AdapterBank(base_model)              # an NvilaForConditionalGeneration
+        bank.add("runs/medical", "medical"); bank.add("runs/pathology", "pathology")
+        bank.activate("medical"); ...; bank.activate(None)   # None = the base model
+    """
+
+    def __init__(self, model: NvilaForConditionalGeneration):
+        self.model: torch.nn.Module = model
+        self.runs: dict[str, Path] = {}
+        self._states: dict[str, dict[str, torch.Tensor]] = {}
+        self._base_state: dict[str, torch.Tensor] = {}
+        self.active: str | None = None
+
+    def add(self, run_dir: str | os.PathLike, name: str | None = None) -> str:
+        """Registers a run (its adapter is loaded into the PEFT model now). Returns its name."""
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        folder = Path(run_dir)
+        if not is_run(folder):
+            raise RunError(f"{folder}: not a run folder (no {ADAPTER_CONFIG} or {NON_LORA_FILE})")
+        name = name or folder.name
+        if name in self.runs:
+            return name
+        if (folder / ADAPTER_CONFIG).is_file():
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name, is_trainable=False)
+        state = load_file(folder / NON_LORA_FILE) if (folder / NON_LORA_FILE).is_file() else {}
+        params = dict(base_model(self.model).named_parameters())
+        unknown = [k for k in state if k not in params]
+        if unknown:
+            raise RunError(f"{folder / NON_LORA_FILE}: tensors not in the base model: {unknown[:5]}")
+        for k in state:
+            self._base_state.setdefault(k, params[k].detach().to("cpu", copy=True))
+        self._states[name], self.runs[name] = state, folder
+        self.model.eval()
+        return name
+
+    def activate(self, name: str | None) -> torch.nn.Module:
+        """Makes run `name` (or the base model, for None) the one that answers. Returns the model to call."""
+        from peft import PeftModel
+
+        if name is not None and name not in self.runs:
+            raise KeyError(f"unknown run {name!r}; added: {sorted(self.runs)}")
+        params = dict(base_model(self.model).named_parameters())
+        wanted = dict(self._base_state)
+        if name is not None:
+            wanted.update(self._states[name])
+        with torch.no_grad():
+            for k, v in wanted.items():
+                params[k].copy_(v.to(params[k].device, params[k].dtype))
+        if isinstance(self.model, PeftModel):
+            lora = self.model.base_model
+            if name is not None and name in self.model.peft_config:
+                lora.enable_adapter_layers()
+                self.model.set_adapter(name)
+            else:
+                lora.disable_adapter_layers()
+        self.active = name
+        return self.model
+
+
+# ------------------------------------------------------------------------------------------ generation
+def _media_list(media) -> list:
+    if media is None:
+        return []
+    if isinstance(media, (str, os.PathLike, Image.Image)):
+        return [media]
+    return list(media)
+
+
+def prepare_inputs(processor: NvilaProcessor, media, question: str, history: Sequence[dict] = ()) -> dict:
+    """Encodes a question (after optional earlier turns) about images as a generation prompt, batched (B=1).
+
+    Args:
+        media: None, an image (path or PIL), or a list of images.
+        question: the user's question (no `<image>` placeholder needed: media go first, as in training).
+        history: earlier LLaVA turns [{"from": "human"|"gpt", "value": ...}].
+
+    Returns:
+        The collated batch (`input_ids`, `attention_mask`, `pixel_values`, `block_sizes`) plus `num_tokens`.
+    """
+    images = _media_list(media)
+    turns = [*history, {"from": "human", "value": question}]
+    encoded = processor(turns, images, add_generation_prompt=True)
+    batch = processor.collate([encoded], padding_side="left")
+    batch["num_tokens"] = encoded["num_tokens"]
+    return batch
+
+
+def _to_device(batch: dict, model: torch.nn.Module) -> dict:
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "num_tokens"}
+
+
+def _generation_kwargs(max_new_tokens: int, temperature: float, top_p: float, kwargs: dict) -> dict:
+    sample = temperature > 0
+    out = {"max_new_tokens": max_new_tokens, "do_sample": sample}
+    if sample:
+        out.update(temperature=temperature, top_p=top_p)
+    out.update(kwargs)
+    return out
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    processor: NvilaProcessor,
+    media,
+    question: str,
+    *,
+    history: Sequence[dict] = (),
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    **generate_kwargs: Any,
+) -> str:
+    """Answers `question` about `media` (greedy by default).
+
+    Args:
+        model: from :func:`load_model` (a PeftModel or an NvilaForConditionalGeneration).
+        processor: the matching :class:`NvilaProcessor`.
+        media: None, an image path / PIL image, or a list of them.
+        question: the user's question.
+        history: earlier conversation turns, LLaVA style.
+        max_new_tokens: generation budget (tokens).
+        temperature: 0 = greedy; > 0 samples with `temperature` and `top_p`.
+        **generate_kwargs: passed to `transformers` `generate` (e.g. `streamer`, `repetition_penalty`).
+
+    Returns:
+        The decoded answer, stripped.
+
+    Raises:
+        SampleTooLongError: the prompt with its visual tokens exceeds the processor's `max_length`.
+    """
+    batch = _to_device(prepare_inputs(processor, media, question, history), model)
+    out = model.generate(**batch, **_generation_kwargs(max_new_tokens, temperature, top_p, generate_kwargs))
+    return processor.decode(out[0])
+
+
+def stream_generate(
+    model: torch.nn.Module,
+    processor: NvilaProcessor,
+    media,
+    question: str,
+    **kwargs: Any,
+) -> Iterator[str]:
+    """Like :func:`generate`, but yields the answer as it grows (the text so far, after each new piece).
+
+    Generation runs in a background thread feeding a `transformers.TextIteratorStreamer`.
+    """
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600)
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            generate(model, processor, media, question, streamer=streamer, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text.strip()
+    thread.join()
+    if errors:
+        raise errors[0]
