@@ -209,6 +209,7 @@ class Sample:
         media_tokens: LLM input rows of the media (visual + end tokens).
         llm_tokens: LLM sequence length (<= data.max_length).
         detail: human-readable geometry (grid, frames).
+        image_size: (width, height) in pixels of an image with the worst aspect ratio (images only).
     """
 
     media: str
@@ -217,6 +218,7 @@ class Sample:
     media_tokens: int
     llm_tokens: int
     detail: str
+    image_size: tuple[int, int] | None = None
 
 
 def image_sample(config: NvilaConfig, tiling: TilingConfig, max_length: int, num_end_tokens: int,
@@ -248,7 +250,7 @@ def image_sample(config: NvilaConfig, tiling: TilingConfig, max_length: int, num
     grid = f"{block[1]}x{block[0]} grid" if block else f"{w // t}x{h // t} grid"
     detail = f"1 image, {tiling.image_aspect_ratio}, {tiles} tiles ({grid}, max_tiles {tiling.max_tiles})"
     llm = max_length if text_tokens is None else min(max_length, tokens + text_tokens)
-    return Sample("image", tiles, visual, tokens, llm, detail)
+    return Sample("image", tiles, visual, tokens, llm, detail, (w, h))
 
 
 def video_token_count(num_frames: int, temporal_pool: tuple[int, int, int], tokens_per_frame: int,
@@ -480,13 +482,16 @@ def _parameters(path: str, dtype: str, tune: tuple, lora: tuple, mp: str):
     return config, tok_len, source, _unwrap(tuned), rows, targets
 
 
-def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | None = None) -> MemoryPlan:
+def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | None = None,
+                num_frames: int | None = None, temporal_pool: tuple[int, int, int] | None = None) -> MemoryPlan:
     """Predicts the peak GPU memory of training with `recipe`, without loading weights.
 
     Args:
         recipe: a :class:`~nvila_ft.recipe.Recipe`.
         gpu_memory_gb: budget in GiB to judge against (None: no verdict).
         text_tokens: plan a sample with this many text tokens instead of one that fills `data.max_length`.
+        num_frames, temporal_pool: also plan a video sample (default: the recipe's `model.num_video_frames`
+            and `model.temporal_pool` when the recipe has them); the worse sample counts.
 
     Returns:
         :class:`MemoryPlan`. Peak = weights + gradients + optimizer states + autocast weight copies
@@ -507,9 +512,9 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
     n_end = len(config.end_token_ids or [198])
     tiling = config.tiling(m.image_aspect_ratio, m.max_tiles)
     samples = [image_sample(config, tiling, recipe.data.max_length, n_end, text_tokens)]
-    frames = getattr(m, "num_video_frames", None)
+    frames = num_frames or getattr(m, "num_video_frames", None)
     if frames:
-        pool = tuple(getattr(m, "temporal_pool", None) or (1, 1, 1))
+        pool = tuple(temporal_pool or getattr(m, "temporal_pool", None) or (1, 1, 1))
         samples.append(video_sample(config, tiling, recipe.data.max_length, n_end, frames, pool, text_tokens))
     for s in samples:
         if s.media_tokens > recipe.data.max_length:
