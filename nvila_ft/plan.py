@@ -31,6 +31,7 @@ from .configuration import NvilaConfig
 from .image_processing import TilingConfig, candidate_grids, num_tiles
 from .processing import count_image_tokens, tokens_per_tile
 from .projector import SpatialToChannel
+from .tuning import apply_tuning, base_model, lora_target_names, used_vision_layers
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +187,6 @@ def parameter_rows(model: nn.Module, recipe) -> list[ParameterRow]:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    from .tuning import base_model
-
     return base_model(model)
 
 
@@ -376,8 +375,6 @@ def projector_bytes(projector: nn.Module, output_tokens: int, trainable: bool, g
 
 def lora_target_short_names(model: nn.Module, part: str, recipe) -> set[str]:
     """Short names (`q_proj`, `fc1`, ...) of the Linear layers of `part` that get LoRA under the recipe."""
-    from .tuning import lora_target_names
-
     return {n.split(".")[-1] for n in lora_target_names(model, part, recipe.lora.target_modules)}
 
 
@@ -468,7 +465,6 @@ def _parameters(path: str, dtype: str, tune: tuple, lora: tuple, mp: str):
     from types import SimpleNamespace
 
     from .modeling import DTYPES
-    from .tuning import apply_tuning
 
     config, tok_len, source = checkpoint_config(path)
     model = meta_model(config, tok_len, DTYPES[dtype])
@@ -553,8 +549,6 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
                             act=act, gqa_native=batch == 1) * n_llm
     llm_off = llm_layers * layer
     llm_on = llm_layers * resid * tc.hidden_size * n_llm
-    from .tuning import used_vision_layers
-
     v_layers = used_vision_layers(model)
     n_vis = batch * sample.vision_tiles * (vc.image_size // vc.patch_size) ** 2
     v_layer = vision_layer_bytes(vc, mode=tune.vision_tower, lora_targets=targets["vision_tower"], r=lora.r,
@@ -620,13 +614,11 @@ def candidate_fixes(recipe, plan: MemoryPlan) -> list[str]:
 
 def fix_predictions(recipe, plan: MemoryPlan) -> list[tuple[str, float | None]]:
     """Each candidate fix with the predicted total (GiB) after applying it (None if it does not validate)."""
-    from .recipe import Recipe
+    from .recipe import Recipe, apply_overrides
 
     out = []
     data = recipe.model_dump()
     for fix in candidate_fixes(recipe, plan):
-        from .recipe import apply_overrides
-
         try:
             fixed = Recipe.model_validate(apply_overrides(data, [fix]))
             out.append((fix, plan_recipe(fixed).total / GiB))
@@ -705,6 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if recipe.model.tiny_variant and not Path(recipe.model.path).exists():
+            from .tiny import build_tiny_checkpoint  # as training's bootstrap does (model.tiny_variant)
+
+            build_tiny_checkpoint(recipe.model.path, variant=recipe.model.tiny_variant, seed=0)
         budget = args.gpu_memory or recipe.train.gpu_memory_gb or device_memory_gb() or 24.0
         plan = plan_recipe(recipe, gpu_memory_gb=budget, text_tokens=args.text_tokens)
     except (RecipeError, FileNotFoundError, ValueError) as err:
