@@ -82,8 +82,7 @@ class NvilaProcessor:
         self.image_token = MEDIA_TOKENS["image"]
         self.image_token_id = tokenizer.media_token_ids["image"]
         self.end_token_ids = tokenizer("\n", add_special_tokens=False).input_ids
-        patches = (self.tiling.tile_size // config.vision_tower_cfg.get("patch_size", 14)) ** 2
-        self.tokens_per_tile = num_output_tokens(config.mm_projector_type, patches)
+        self.tokens_per_tile = tokens_per_tile(config, self.tiling)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs) -> NvilaProcessor:
@@ -142,15 +141,7 @@ class NvilaProcessor:
 
     def count_media_tokens(self, image_sizes: Sequence[tuple[int, int]]) -> int:
         """Visual + end tokens of a sample's images from their (width, height) alone (no decoding)."""
-        single = self._image_mode_single(len(image_sizes))
-        total = 0
-        for w, h in image_sizes:
-            n, block_size = num_tiles(w, h, self.tiling, single=single)
-            if self.tiling.image_aspect_ratio == "dynamic" and not single:
-                total += n * (self.tokens_per_tile + len(self.end_token_ids))
-            else:
-                total += self._image_tokens(block_size)
-        return total
+        return count_image_tokens(self.tiling, self.tokens_per_tile, len(self.end_token_ids), image_sizes)
 
     # ------------------------------------------------------------------ text
     def to_messages(self, conversations: Sequence[dict], placeholder_text: str = "") -> list[dict]:
@@ -312,6 +303,34 @@ class NvilaProcessor:
 
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens).strip()
+
+
+def tokens_per_tile(config: NvilaConfig, tiling: TilingConfig) -> int:
+    """Projected tokens of one tile: (tile_size / patch_size)^2 patches through the projector's STC
+    (1024 -> 256 for 2x2, 121 for 3x3)."""
+    patches = (tiling.tile_size // config.vision_tower_cfg.get("patch_size", 14)) ** 2
+    return num_output_tokens(config.mm_projector_type, patches)
+
+
+def count_image_tokens(
+    tiling: TilingConfig, tokens_per_tile: int, num_end_tokens: int, image_sizes: Sequence[tuple[int, int]]
+) -> int:
+    """LLM input rows (visual + end tokens) of one sample's images, from their (width, height) alone.
+
+    dynamic_s2: rows*cols blocks of `tokens_per_tile` per image (one block without tiling); dynamic: each
+    tile (+ thumbnail) is an image of its own with its end tokens; resize, or a sample with several images:
+    one tile per image. Each image is followed by `num_end_tokens` ("\\n").
+    """
+    single = len(image_sizes) != 1  # the official code tiles only a sample's single image
+    total = 0
+    for w, h in image_sizes:
+        n, block_size = num_tiles(w, h, tiling, single=single)
+        if tiling.image_aspect_ratio == "dynamic" and not single:
+            total += n * (tokens_per_tile + num_end_tokens)
+        else:
+            blocks = block_size[0] * block_size[1] if block_size else 1
+            total += blocks * tokens_per_tile + num_end_tokens
+    return total
 
 
 def _open_image(image) -> Image.Image:

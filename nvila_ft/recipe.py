@@ -254,6 +254,13 @@ class TrainConfig(_Section):
     dataloader_num_workers: int = Field(
         0, ge=0, description="Worker processes decoding images; 0 = main process."
     )
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="GPU memory budget in GiB for the preflight memory plan (python -m nvila_ft.plan): a run "
+        "predicted to need more stops before loading weights (--force trains anyway). null = the device's "
+        "memory; on a machine without CUDA the check is skipped.",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

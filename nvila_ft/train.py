@@ -31,6 +31,7 @@ from transformers.trainer_callback import ProgressCallback
 from .data import load_samples, preflight
 from .evaluate import evaluate_vqa
 from .modeling import DTYPES, NvilaForConditionalGeneration
+from .plan import MemoryBudgetError, check_budget
 from .processing import NvilaProcessor
 from .recipe import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from .tuning import apply_tuning, base_model, load_non_lora, param_groups, save_non_lora, trainable_table
@@ -199,8 +200,9 @@ def run_info(recipe: Recipe) -> dict:
 class TrainingRun:
     """One fine-tuning run wired from a recipe (used by :func:`main` and the Python API)."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, force: bool = False):
         self.recipe = recipe
+        self.force = force  # train even if the memory plan predicts more than train.gpu_memory_gb
         self.output_dir = Path(recipe.train.output_dir)
         self.trainer: NvilaTrainer | None = None
 
@@ -328,6 +330,7 @@ class TrainingRun:
     def run(self) -> dict:
         """Bootstrap, load, train (resuming if a checkpoint exists), save, evaluate. Returns metrics."""
         self.bootstrap()
+        check_budget(self.recipe, force=self.force)  # before any weight is loaded (nvila_ft.plan)
         self.load_model()
         self.load_data()
         self.build_trainer()
@@ -359,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Example: accelerate launch -m nvila_ft.train recipes/medical.yaml train.max_steps=100 lora.r=16")
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
+    parser.add_argument("--force", action="store_true",
+                        help="train even if the memory plan predicts more than train.gpu_memory_gb")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -367,7 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    TrainingRun(recipe).run()
+    try:
+        TrainingRun(recipe, force=args.force).run()
+    except MemoryBudgetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 
