@@ -169,9 +169,10 @@ def build_demo(previewer: Previewer):
         base.change(on_base, base, runs)
         runs.change(on_runs, runs, run_outputs)
         demo.load(on_runs, runs, run_outputs)
+        image.upload(lambda: "", None, reference)  # a new upload is not the example any more
         if videos:
             image.upload(lambda: None, None, video)
-            video.upload(lambda: None, None, image)
+            video.upload(lambda: (None, ""), None, [image, reference])
         examples.click(on_example, [examples, examples_state], [image, video, question, reference])
         ask_inputs = [image, video, question, base, runs, temperature, top_p, max_new_tokens]
         ask_outputs = [gallery, tile_info, base_answer, *tuned_answers, status]
