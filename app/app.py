@@ -28,6 +28,7 @@ from app.previewer import (  # noqa: E402 - after the path fix above
     MAX_COMPARED_RUNS,
     Previewer,
     UploadError,
+    check_upload,
     video_extensions,
     video_support,
 )
@@ -79,13 +80,29 @@ def build_demo(previewer: Previewer):
         runs = list(runs or [])
         return (*answer_boxes(runs), run_details(runs), *examples_for(runs))
 
+    def on_upload(path):
+        """Checks an upload at once (type, size, decodable) and shows it; a refused file is removed."""
+        if path is None:
+            return None, *previews(None, None)
+        try:
+            kind = check_upload(path, previewer.max_upload_mb)
+        except UploadError as err:
+            gr.Warning(str(err))
+            return None, *previews(None, None)
+        return gr.skip(), *previews(path, kind)
+
+    def previews(path, kind):
+        shown = [gr.update(value=path if kind == "image" else None, visible=kind != "video")]
+        if videos:
+            shown.append(gr.update(value=path if kind == "video" else None, visible=kind == "video"))
+        return (*shown, "")  # "": a new upload has no reference answer
+
     def on_example(index, rows):
         image, question, reference = rows[index]
-        return image, None, question, reference
+        return image, *previews(image, "image")[:-1], question, reference
 
-    def ask(image, video, question, base, runs, temperature, top_p, max_new_tokens):
+    def ask(media, question, base, runs, temperature, top_p, max_new_tokens):
         runs = list(runs or [])
-        media = video or image
         if media is None:
             raise gr.Error("Upload an image first.")
         if not base:
@@ -131,15 +148,15 @@ def build_demo(previewer: Previewer):
                 runs = gr.Dropdown(previewer.runs_for(base0), value=runs0, multiselect=True,
                                    max_choices=MAX_COMPARED_RUNS, label="Tuned runs", elem_id="runs",
                                    info=f"Run folders trained on this base (up to {MAX_COMPARED_RUNS} at once).")
-                with gr.Tab("Image"):
-                    image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image",
-                                     elem_id="image-input", height=300)
-                with gr.Tab("Video"):
-                    if videos:
-                        video = gr.Video(sources=["upload"], label="Video", elem_id="video-input", height=300)
-                    else:
-                        video = gr.State(None)
-                        gr.Markdown(f"Video is off: {video_support()}.")
+                # A plain file upload: only the listed types, checked by check_upload before anything
+                # decodes them (a gr.Image would decode first and fail with a stack trace on a bad file).
+                media = gr.File(label="Image" + (" or video" if videos else ""), type="filepath",
+                                file_types=list(IMAGE_EXTENSIONS + videos), elem_id="media-input", height=120)
+                if not videos:
+                    gr.Markdown(f"Images only: {video_support()}.")
+                image = gr.Image(label="Image", interactive=False, elem_id="image-preview", height=300)
+                video = gr.Video(label="Video", interactive=False, elem_id="video-preview", height=300,
+                                 visible=False) if videos else None
                 question = gr.Textbox(label="Question", placeholder="e.g. Is there a fracture?", lines=2,
                                       elem_id="question")
                 reference = gr.Textbox(label="Reference answer (examples only)", interactive=False,
@@ -160,7 +177,7 @@ def build_demo(previewer: Previewer):
                     tuned_answers = [gr.Textbox(label="Tuned", lines=5, interactive=False, visible=False,
                                                 elem_id=f"answer-run-{i}") for i in range(MAX_COMPARED_RUNS)]
                 tile_info = gr.Markdown(elem_id="tile-info")
-                gallery = gr.Gallery(label="Tiles (or frames) the vision tower sees", columns=5,
+                gallery = gr.Gallery(label="Tiles (or frames) the vision tower sees", columns=5, height=320, preview=False,
                                      object_fit="contain", elem_id="tiles")
                 with gr.Accordion("Run: recipe and metrics.json", open=True):
                     details = gr.Markdown(elem_id="run-details")
@@ -169,12 +186,11 @@ def build_demo(previewer: Previewer):
         base.change(on_base, base, runs)
         runs.change(on_runs, runs, run_outputs)
         demo.load(on_runs, runs, run_outputs)
-        image.upload(lambda: "", None, reference)  # a new upload is not the example any more
-        if videos:
-            image.upload(lambda: None, None, video)
-            video.upload(lambda: (None, ""), None, [image, reference])
-        examples.click(on_example, [examples, examples_state], [image, video, question, reference])
-        ask_inputs = [image, video, question, base, runs, temperature, top_p, max_new_tokens]
+        shown = [image, video] if videos else [image]
+        media.upload(on_upload, media, [media, *shown, reference])
+        media.clear(lambda: previews(None, None), None, [*shown, reference])
+        examples.click(on_example, [examples, examples_state], [media, *shown, question, reference])
+        ask_inputs = [media, question, base, runs, temperature, top_p, max_new_tokens]
         ask_outputs = [gallery, tile_info, base_answer, *tuned_answers, status]
         ask_button.click(ask, ask_inputs, ask_outputs, concurrency_limit=1)
         question.submit(ask, ask_inputs, ask_outputs, concurrency_limit=1)

@@ -84,22 +84,28 @@ def test_upload_ask_and_compare_in_a_browser(server, tiny_runs):
     artifacts = Path(os.environ.get("NVILA_FT_ARTIFACTS", ROOT / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     shot = artifacts / "app-screenshot.png"
+    shot.unlink(missing_ok=True)
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
-            # The first run of the base is selected; its eval split gives one-click examples.
+            # The first run of the base is selected; its recipe and metrics are shown.
             expect(page.locator("#runs")).to_contain_text("medical")
             expect(page.locator("#run-details")).to_contain_text("metrics.json", timeout=30_000)
+
+            # One click on an example of the run's eval split loads its image, question and reference answer.
             page.locator("#examples tbody tr").first.click()
             expect(page.locator("#question textarea")).not_to_have_value("", timeout=30_000)
-            assert _answer(page, "reference")  # the example's reference answer is shown too
+            expect(page.locator("#image-preview img")).to_be_visible()
+            assert _answer(page, "reference")
 
             # A real radiology image and our own question.
-            page.locator("#image-input input[type=file]").set_input_files(str(image))
-            expect(page.locator("#image-input img")).to_be_visible(timeout=30_000)
+            page.locator("#media-input button[aria-label='Clear']").click()
+            page.locator("#media-input input[type=file]").set_input_files(str(image))
+            expect(page.locator("#reference textarea")).to_have_value("", timeout=30_000)  # not the example's
+            expect(page.locator("#image-preview img")).to_be_visible()
             page.locator("#question textarea").fill(QUESTION)
             page.locator("#ask").click()
 
@@ -115,6 +121,14 @@ def test_upload_ask_and_compare_in_a_browser(server, tiny_runs):
             assert tiles.count() >= 1
             assert page.locator("#tiles").inner_text().count("thumbnail") == 1  # dynamic tiling of the run
             page.screenshot(path=str(shot), full_page=True)
+
+            # A file that is not an image is refused at upload, with a message saying so.
+            not_image = artifacts / "not-an-image.gif"
+            not_image.write_bytes(b"GIF89a, but no image data")
+            page.locator("#media-input button[aria-label='Clear']").click()
+            page.locator("#media-input input[type=file]").set_input_files(str(not_image))
+            expect(page.locator(".toast-body").first).to_contain_text("does not open as an image", timeout=30_000)
+            expect(page.locator("#media-input input[type=file]")).to_have_count(1)  # and removed again
         finally:
             browser.close()
 
