@@ -109,6 +109,21 @@ def test_base_and_tuned_answers_match_loading_each_on_its_own(tiny_runs, preview
     assert again == {BASE: expected[BASE]}
 
 
+def test_sampling_settings_reach_generation(tiny_runs, previewer, wide_image):
+    settings = {"max_new_tokens": 10, "temperature": 1.5, "top_p": 0.9}
+    base = previewer.default_base()
+    previewer.load(base, ["medical"])  # loading draws random numbers (module init): load everything first
+    alone = {BASE: load_model(tiny_runs.model), "medical": load_model(tiny_runs.runs / "medical")}
+    torch.manual_seed(0)
+    sampled = list(previewer.answer(wide_image, QUESTION, base, ["medical"], **settings))[-1]
+    torch.manual_seed(0)
+    expected = {key: generate(model, processor, str(wide_image), QUESTION, **settings)
+                for key, (model, processor) in alone.items()}
+    assert sampled == expected
+    greedy = list(previewer.answer(wide_image, QUESTION, base, ["medical"], max_new_tokens=10))[-1]
+    assert greedy != sampled  # temperature 1.5 on a random model: not the greedy answers
+
+
 def test_switching_runs_keeps_one_base_model(tiny_runs, wide_image, monkeypatch):
     loads = []
     original = NvilaForConditionalGeneration.from_pretrained.__func__
