@@ -22,9 +22,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -303,6 +305,7 @@ class Previewer:
         self._loaded: dict[str, LoadedBase] = {}
         self._lock = threading.RLock()  # one generation (or load) at a time: see the module docstring
         self.media_dir = Path(tempfile.mkdtemp(prefix="nvila-ft-app-"))  # example images we serve
+        weakref.finalize(self, shutil.rmtree, self.media_dir, True)
 
     def _add_run(self, label: str, path: Path) -> None:
         try:
