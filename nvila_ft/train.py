@@ -88,7 +88,7 @@ def prepare_data(recipe: Recipe, processor: NvilaProcessor, split: str, max_samp
     logger.info("%s split: %s", split, lines[0])
     video_lines = [line for line in lines if line.startswith("video rows:")]
     if video_lines:
-        pool = processor.pool_sizes or "none"
+        pool = [list(p) for p in processor.pool_sizes] or "none"
         logger.info("%s split: %s; %d frames per video, %d tokens per frame, temporal pool %s -> %d visual tokens "
                     "per video", split, video_lines[0], processor.num_video_frames, processor.tokens_per_tile, pool,
                     processor.count_video_tokens())

@@ -32,13 +32,13 @@ from .video import load_video, probe_video
 
 logger = logging.getLogger(__name__)
 
-DATASET_VERSION = 1
+DATASET_VERSION = 2  # bump when the clips, questions or split change
 MARKER = ".video_quickstart_complete.json"
-CAPTIONS = {  # written from the clips' frames
-    "bigbuckbunny": "A big grey cartoon rabbit climbs out of a hole in a grassy hill and stretches.",
-    "bikes": "A city street with passing cars, seen past bicycles locked to a railing.",
-    "carphone_pristine": "A man in a suit and red bow tie talks in the back seat of a car.",
-    "carphone_distorted": "A man in a suit and red bow tie talks in a car; the video is heavily compressed.",
+CAPTIONS = {  # written from the clips' frames; short, so that a tiny model can learn them in a minute
+    "bigbuckbunny": "A cartoon rabbit on a grassy hill.",
+    "bikes": "Cars on a city street.",
+    "carphone_pristine": "A man talking in a car.",
+    "carphone_distorted": "A blurry man talking in a car.",
 }
 ANIMATED = {"bigbuckbunny": "yes", "bikes": "no", "carphone_pristine": "no", "carphone_distorted": "no"}
 FRAMES_FOLDER_STEP = 4
