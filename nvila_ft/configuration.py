@@ -34,7 +34,11 @@ class NvilaConfig(PretrainedConfig):
         max_tiles, min_tiles: tile grid bounds (12 and 1 in the official configs).
         mm_vision_select_layer: hidden state index the features come from (-2: second-to-last layer output).
         mm_vision_select_feature: `cls_patch` (all tokens; SigLIP has no CLS token) or `patch`.
-        num_video_frames, fps: video sampling defaults (8 frames, 0 = uniform).
+        num_video_frames, fps: video sampling defaults (8 frames, 0 = uniform; see `nvila_ft.video.frame_indices`).
+        video_encoder: the official hydra target of the video encoder, a JSON string or dict:
+            `{"_target_": "llava.model.encoders.BasicVideoEncoder"}` (no pooling; NVILA-8B, NVILA-Lite) or
+            `{"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[8, 1, 1]]}` (NVILA-8B-Video:
+            average every 8 consecutive frames). Read through :attr:`pool_sizes`; written back unchanged.
         model_dtype: storage dtype of the checkpoint ("torch.bfloat16").
         image_token_id, video_token_id, end_token_ids: filled in at load time from the tokenizer
             (`<image>`, `<vila/video>` and the ids of "\\n", the text appended after every media item).
@@ -60,6 +64,7 @@ class NvilaConfig(PretrainedConfig):
         mm_vision_select_feature: str = "cls_patch",
         num_video_frames: int = 8,
         fps: float = 0.0,
+        video_encoder: str | dict | None = '{"_target_": "llava.model.encoders.BasicVideoEncoder"}',
         model_dtype: str = "torch.bfloat16",
         image_token_id: int | None = None,
         video_token_id: int | None = None,
@@ -81,6 +86,7 @@ class NvilaConfig(PretrainedConfig):
         self.mm_vision_select_feature = mm_vision_select_feature
         self.num_video_frames = num_video_frames
         self.fps = fps
+        self.video_encoder = video_encoder
         self.model_dtype = model_dtype
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
@@ -94,6 +100,13 @@ class NvilaConfig(PretrainedConfig):
     def scales(self) -> tuple[int, ...]:
         """S2 scales as sorted ints (empty when `s2_scales` is unset)."""
         return tuple(sorted(int(s) for s in self.s2_scales.split(","))) if self.s2_scales else ()
+
+    @property
+    def pool_sizes(self) -> list[tuple[int, int, int]]:
+        """Video token pooling (t, h, w) per stream from `video_encoder`; [] = none (one token set per frame)."""
+        from .video import parse_video_encoder
+
+        return parse_video_encoder(self.video_encoder)
 
     @property
     def mm_projector_type(self) -> str:

@@ -6,8 +6,11 @@ normalized samples, then check every row before training starts.
     report = preflight(samples, on_bad_row="skip")   # report.ok: rows safe to train on
 
 A normalized sample is a plain dict:
-    {"id": str, "images": [path str | PIL.Image], "conversations": [{"from": "human"|"gpt", "value": str}],
+    {"id": str, "images": [path str | PIL.Image], "videos": [path str | bytes],
+     "conversations": [{"from": "human"|"gpt", "value": str}],
      "answer_type": "CLOSED" | "OPEN" | None, "source": file or dataset id, "index": row index in the source}
+Videos are files or folders of frame images (`nvila_ft.video.load_video`); preflight adds "video_frames" (frames
+each video decodes to) to the samples it passes.
 A row that is structurally broken is kept with an extra "error" (and its "raw" row), so that preflight
 lists it with all the others instead of the loader stopping at the first one.
 """
@@ -28,6 +31,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from nvila_ft.metrics import ANSWER_TYPES, infer_answer_type
+from nvila_ft.processing import placeholder_problem
+from nvila_ft.video import VideoError, frame_indices, load_video, probe_video
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +41,6 @@ IMAGE_TOKEN = "<image>"
 VQA_RAD_FILES = {"train": "trainset.json", "test": "testset.json"}
 # Role aliases seen in LLaVA-style data; normalized samples use the LLaVA names.
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-# Keys of a row that name media we cannot train on yet, with the error to give.
-UNSUPPORTED_MEDIA = {"video": "video is not supported yet; remove the row or its 'video' key"}
 MAX_LISTED_BAD_ROWS = 50
 
 
@@ -58,6 +61,8 @@ def load_samples(
     question_column: str = "question",
     answer_column: str = "answer",
     max_samples: int | None = None,
+    video_column: str | None = None,
+    video_folder: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Loads one split of a dataset as normalized samples.
 
@@ -77,6 +82,10 @@ def load_samples(
         question_column: hf only: column with the question (unused when the dataset has `conversations`).
         answer_column: hf only: column with the answer (unused when the dataset has `conversations`).
         max_samples: Keep only the first `max_samples` rows (None: all).
+        video_column: hf only: column with the video (a path, the file's bytes, a {"bytes", "path"} dict, or
+            a list of these); None = no videos. llava rows name theirs under "video" (a path or a list).
+        video_folder: Folder that relative video paths are resolved against. Default: `image_folder`, else as
+            for images.
 
     Returns:
         The normalized samples in source order. Rows with a structural problem carry an "error" key that
@@ -100,6 +109,8 @@ def load_samples(
         question_column=question_column,
         answer_column=answer_column,
         max_samples=max_samples,
+        video_column=video_column,
+        video_folder=video_folder,
     )
     if not samples:
         raise DataError(f"{path} has no rows for split {split!r}; point data.path at a non-empty split.")
@@ -119,7 +130,7 @@ def detect_format(path: str | os.PathLike, split: str) -> str:
     return "hf"
 
 
-def _load_llava(path, split, *, image_folder=None, max_samples=None, **_) -> list[dict]:
+def _load_llava(path, split, *, image_folder=None, max_samples=None, video_folder=None, **_) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         candidates = [path / f"{split}{ext}" for ext in (".json", ".jsonl")]
@@ -132,7 +143,8 @@ def _load_llava(path, split, *, image_folder=None, max_samples=None, **_) -> lis
         path = found[0]
     rows = _read_json_rows(path)[:max_samples]
     folder = Path(image_folder) if image_folder is not None else path.parent
-    return [_llava_sample(row, i, str(path), folder) for i, row in enumerate(rows)]
+    videos = Path(video_folder) if video_folder is not None else folder
+    return [_llava_sample(row, i, str(path), folder, videos) for i, row in enumerate(rows)]
 
 
 def _read_json_rows(path: Path) -> list[Any]:
@@ -168,14 +180,13 @@ class _Broken:
     error: str
 
 
-def _llava_sample(row: Any, index: int, source: str, image_folder: Path) -> dict:
+def _llava_sample(row: Any, index: int, source: str, image_folder: Path, video_folder: Path) -> dict:
     if isinstance(row, _Broken):
         return _error_sample(None, index, source, row.error)
     if not isinstance(row, dict):
         return _error_sample(row, index, source, f"row must be a JSON object, got {type(row).__name__}")
     sample = _new_sample(row.get("id", index), source, index)
     try:
-        _check_media_keys(row)
         if row.get("image") is not None and row.get("images") is not None:
             raise DataError("has both 'image' and 'images'; keep one")
         images = row.get("images", row.get("image"))
@@ -183,6 +194,11 @@ def _llava_sample(row: Any, index: int, source: str, image_folder: Path) -> dict
         if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
             raise DataError(f"image paths must be a non-empty string or a list of them, got {images!r}")
         sample["images"] = [str(image_folder / p) for p in images]
+        videos = row.get("video")
+        videos = [] if videos is None else [videos] if isinstance(videos, str) else videos
+        if not isinstance(videos, list) or not all(isinstance(p, str) and p for p in videos):
+            raise DataError(f"'video' must be a non-empty path string or a list of them, got {videos!r}")
+        sample["videos"] = [str(video_folder / p) for p in videos]
         if "conversations" not in row:
             raise DataError("missing key 'conversations' (a list of {'from', 'value'} turns)")
         sample["conversations"] = _conversations(row["conversations"])
@@ -227,6 +243,8 @@ def _load_hf(
     question_column="question",
     answer_column="answer",
     max_samples=None,
+    video_column=None,
+    video_folder=None,
 ) -> list[dict]:
     dataset = _open_hf(str(path), split)
     if max_samples is not None:
@@ -234,23 +252,28 @@ def _load_hf(
     columns = dataset.column_names
     needed = [] if "conversations" in columns else [question_column, answer_column]
     needed += [image_column] if image_column is not None else []
+    needed += [video_column] if video_column is not None else []
     missing = [c for c in needed if c not in columns]
     if missing:
         raise DataError(
             f"dataset {path} (split {split!r}) has no column(s) {missing}; its columns are {columns}. "
-            "Set data.image_column / data.question_column / data.answer_column (image_column: null for "
-            "text-only data), or provide a 'conversations' column."
+            "Set data.image_column / data.video_column / data.question_column / data.answer_column "
+            "(image_column: null for data without images), or provide a 'conversations' column."
         )
     if image_column is not None:  # keep encoded bytes: decoding every image up front costs GBs of memory
         dataset = dataset.cast_column(image_column, _undecoded(dataset.features[image_column]))
+    if video_column is not None:  # a datasets.Video column would decode every clip: keep bytes / paths
+        dataset = dataset.cast_column(video_column, _undecoded(dataset.features[video_column]))
     folder = Path(image_folder) if image_folder is not None else None
+    videos = Path(video_folder) if video_folder is not None else folder
     samples = []
     for index, row in enumerate(dataset):
         sample = _new_sample(row.get("id", index), str(path), index)
         try:
-            _check_media_keys(row)
             if image_column is not None:
                 sample["images"] = _hf_images(row[image_column], image_column, folder)
+            if video_column is not None:
+                sample["videos"] = _hf_videos(row[video_column], video_column, videos)
             if "conversations" in columns:
                 sample["conversations"] = _conversations(row["conversations"])
             else:
@@ -299,15 +322,32 @@ def _open_hf(path: str, split: str):
 
 
 def _undecoded(feature):
-    """The same feature with `datasets.Image` columns (or lists of them) left as {"bytes", "path"} dicts."""
+    """The same feature with `datasets.Image` / `datasets.Video` columns (or lists of them) left undecoded:
+    {"bytes", "path"} dicts."""
     import datasets
 
-    if isinstance(feature, datasets.Image):
+    media = tuple(t for t in (datasets.Image, getattr(datasets, "Video", None)) if t is not None)
+    if isinstance(feature, media):
         return dataclasses.replace(feature, decode=False)
-    if isinstance(getattr(feature, "feature", None), datasets.Image):  # List / Sequence of images
+    if isinstance(getattr(feature, "feature", None), media):  # List / Sequence of images or videos
         feature = copy.copy(feature)
         feature.feature = dataclasses.replace(feature.feature, decode=False)
     return feature
+
+
+def _hf_videos(value: Any, column: str, folder: Path | None) -> list[str | bytes]:
+    """Converts a video cell (path, bytes, {"bytes", "path"} dict or a list of these) to sample videos."""
+    values = value if isinstance(value, list) else [value]
+    videos = []
+    for item in values:
+        if isinstance(item, dict):
+            item = item.get("bytes") or item.get("path")
+        if isinstance(item, str) and item:
+            item = str(folder / item) if folder is not None else item
+        elif not isinstance(item, bytes) or not item:
+            raise DataError(f"column {column!r} has no video (got {str(item)[:80]!r}); fix the row or its column")
+        videos.append(item)
+    return videos
 
 
 def _hf_images(value: Any, column: str, folder: Path | None) -> list[str | Image.Image]:
@@ -344,6 +384,7 @@ def _new_sample(id_: Any, source: str, index: int) -> dict:
     return {
         "id": str(id_),
         "images": [],
+        "videos": [],
         "conversations": [],
         "answer_type": None,
         "source": source,
@@ -354,12 +395,6 @@ def _new_sample(id_: Any, source: str, index: int) -> dict:
 def _error_sample(row: Any, index: int, source: str, error: str) -> dict:
     id_ = row.get("id", row.get("qid", index)) if isinstance(row, dict) else index
     return {**_new_sample(id_, source, index), "error": error, "raw": row}
-
-
-def _check_media_keys(row: dict) -> None:
-    for key, message in UNSUPPORTED_MEDIA.items():
-        if row.get(key) is not None:
-            raise DataError(message)
 
 
 def _conversations(turns: Any) -> list[dict]:
@@ -415,20 +450,54 @@ class BadRow:
 
 
 @dataclasses.dataclass
+class VideoCheck:
+    """How preflight samples and checks videos (the processor's settings, so that counts agree).
+
+    Attributes:
+        num_frames: frames sampled per video (model.num_video_frames).
+        fps: 0 = uniform, > 0 = at most this many frames per second (model.video_fps).
+        short_videos: "bad_row" reports videos with fewer frames than sampled; "repeat" accepts them.
+        sample: decode only this many videos, drawn at random with `seed` (others: header only); None = all.
+        seed: seed of that draw.
+        cache_dir: frame cache shared with training (data.video_cache_dir): decoded frames land there.
+        tokens_fn: frames -> embedding rows of a video (`NvilaProcessor.count_video_tokens`), for the report.
+    """
+
+    num_frames: int = 8
+    fps: float = 0.0
+    short_videos: str = "bad_row"
+    sample: int | None = None
+    seed: int = 0
+    cache_dir: str | None = None
+    tokens_fn: Callable[[int], int] | None = None
+
+
+@dataclasses.dataclass
 class PreflightReport:
-    """Outcome of `preflight`: the rows safe to train on and the refused ones."""
+    """Outcome of `preflight`: the rows safe to train on, the refused ones, and per video row its token cost."""
 
     ok: list[dict]
     bad: list[BadRow]
+    videos: list[tuple[str, list[int], list[int]]] = dataclasses.field(default_factory=list)
+    """(`<source>[<index>] id=<id>`, frames per video, visual tokens per video) of every ok row with videos."""
 
     def summary(self) -> str:
-        """Counts, then one line per bad row (`<source>[<index>] id=<id>: <reason>`), listing at most 50."""
+        """Counts, one line per bad row (`<source>[<index>] id=<id>: <reason>`), then per video row its frames
+        and visual tokens (pooling applied); at most 50 lines of each."""
         lines = [
             f"preflight: {len(self.ok) + len(self.bad)} rows checked, {len(self.ok)} ok, {len(self.bad)} bad"
         ]
         lines += [f"  {row}" for row in self.bad[:MAX_LISTED_BAD_ROWS]]
         if len(self.bad) > MAX_LISTED_BAD_ROWS:
             lines.append(f"  ... and {len(self.bad) - MAX_LISTED_BAD_ROWS} more bad rows")
+        if self.videos:
+            tokens = [sum(t) for _, _, t in self.videos]
+            lines.append(f"video rows: {len(self.videos)}, visual tokens per row (frames x tokens per frame / t, "
+                         f"+ end tokens) min {min(tokens)} max {max(tokens)}")
+            lines += [f"  {where}: frames {frames} -> {tokens} visual tokens"
+                      for where, frames, tokens in self.videos[:MAX_LISTED_BAD_ROWS]]
+            if len(self.videos) > MAX_LISTED_BAD_ROWS:
+                lines.append(f"  ... and {len(self.videos) - MAX_LISTED_BAD_ROWS} more video rows")
         return "\n".join(lines)
 
 
@@ -440,13 +509,16 @@ def preflight(
     max_length: int | None = None,
     check_images: bool = True,
     progress: bool = True,
+    video_check: VideoCheck | None = None,
 ) -> PreflightReport:
     """Checks every sample before training, so that a bad row fails now rather than hours in.
 
-    Per row: the load error if any, a human turn present, every gpt turn non-empty, no more `<image>`
-    placeholders than images, each image file present and fully decodable (PIL open + load; files are
-    closed again), and `length_fn(sample) <= max_length` when both are given (checked only on rows that
-    passed the rest).
+    Per row: the load error if any, a human turn present, every gpt turn non-empty, media placeholders
+    matching the media (none, or one per image / video), each image file present and fully decodable (PIL
+    open + load; files are closed again), each video present, readable, not truncated (its sampled frames
+    decode) and not shorter than the frames requested (unless `video_check.short_videos` is "repeat"), and
+    `length_fn(sample) <= max_length` when both are given (checked only on rows that passed the rest).
+    Rows that pass get `sample["video_frames"]`: the frames each video decodes to.
 
     Args:
         samples: Normalized samples from `load_samples`.
@@ -455,6 +527,7 @@ def preflight(
         max_length: Longest allowed sample in tokens (e.g. the recipe's `max_length`).
         check_images: Open and decode every image (the slow part: a few ms per image).
         progress: Show a tqdm progress bar.
+        video_check: Video sampling settings and how many videos to decode; None = `VideoCheck()` defaults.
 
     Returns:
         The report; `ok` holds the good samples in order.
@@ -469,8 +542,15 @@ def preflight(
         raise ValueError("preflight got length_fn but no max_length; pass max_length (tokens).")
     report = PreflightReport(ok=[], bad=[])
     checked: dict[str, str | None] = {}  # image path -> problem; VQA-RAD has ~10 questions per image
-    for sample in tqdm(samples, desc="preflight", unit="row", disable=not progress):
+    video_check = video_check or VideoCheck()
+    decode = _videos_to_decode(samples, video_check)
+    for i, sample in enumerate(tqdm(samples, desc="preflight", unit="row", disable=not progress)):
         problems = _row_problems(sample, checked if check_images else None)
+        if not problems and sample.get("videos"):
+            frames, video_problems = _video_frames(sample, video_check, decode[i])
+            problems += video_problems
+            if not video_problems:
+                sample["video_frames"] = frames
         if not problems and length_fn is not None:
             try:
                 length = length_fn(sample)
@@ -488,6 +568,10 @@ def preflight(
             )
         else:
             report.ok.append(sample)
+            if sample.get("videos") and video_check.tokens_fn is not None:
+                where = f"{sample.get('source', '?')}[{sample.get('index', -1)}] id={sample.get('id')}"
+                frames = sample["video_frames"]
+                report.videos.append((where, frames, [video_check.tokens_fn(f) for f in frames]))
     if report.bad:
         if on_bad_row == "error":
             raise DataError(f"{report.summary()}\nFix the rows or set data.on_bad_row=skip.")
@@ -509,9 +593,9 @@ def _row_problems(sample: dict, checked: dict[str, str | None] | None) -> list[s
     elif not all(answer.strip() for answer in answers):
         problems.append("empty answer (a gpt turn is empty or whitespace)")
     images = sample.get("images") or []
-    placeholders = sum(turn["value"].count(IMAGE_TOKEN) for turn in turns)
-    if placeholders > len(images):
-        problems.append(f"{placeholders} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s)")
+    problem = placeholder_problem(turns, len(images), len(sample.get("videos") or []))
+    if problem:
+        problems.append(problem)
     if checked is not None:
         for image in images:
             if not isinstance(image, str):
@@ -522,6 +606,42 @@ def _row_problems(sample: dict, checked: dict[str, str | None] | None) -> list[s
                 problem = checked[image] = _image_problem(image)
             problems += [problem] if problem else []
     return problems
+
+
+def _videos_to_decode(samples: list[dict], check: VideoCheck) -> list[list[bool]]:
+    """Per sample, per video: decode it in preflight (True) or only read its header (False)."""
+    flags = [[True] * len(s.get("videos") or []) for s in samples]
+    slots = [(i, j) for i, row in enumerate(flags) for j in range(len(row))]
+    if check.sample is not None and check.sample < len(slots):
+        import random
+
+        chosen = set(random.Random(check.seed).sample(slots, check.sample))
+        flags = [[(i, j) in chosen for j in range(len(row))] for i, row in enumerate(flags)]
+    return flags
+
+
+def _video_frames(sample: dict, check: VideoCheck, decode: list[bool]) -> tuple[list[int], list[str]]:
+    """(frames each video decodes to, problems) of a sample's videos."""
+    frames, problems = [], []
+    for video, full in zip(sample["videos"], decode):
+        name = f"{len(video)} bytes of video" if isinstance(video, bytes | bytearray) else video
+        try:
+            n_frames, video_fps = probe_video(video)
+            if check.fps > 0 and video_fps is None:
+                raise VideoError(f"{name}: a frames folder has no frame rate; set model.video_fps=0")
+            wanted = len(frame_indices(n_frames, check.num_frames, check.fps, video_fps))
+            if n_frames < wanted and check.short_videos != "repeat":
+                problems.append(f"video {name} has {n_frames} frames, fewer than the {wanted} sampled "
+                                "(data.short_videos=repeat keeps such videos)")
+                continue
+            if full:
+                wanted = len(load_video(video, check.num_frames, check.fps, check.cache_dir))
+            frames.append(wanted)
+        except VideoError as e:
+            problems.append(str(e))
+        except Exception as e:  # one odd file must not hide the others
+            problems.append(f"unreadable video {name} ({type(e).__name__}: {e})")
+    return frames, problems
 
 
 def _image_problem(image: str | Image.Image) -> str | None:

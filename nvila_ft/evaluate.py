@@ -37,7 +37,7 @@ def generate_answers(
     Args:
         model: NVILA model (or a PeftModel around one), on any device.
         processor: :class:`~nvila_ft.processing.NvilaProcessor`.
-        samples: normalized samples (`conversations`, `images`).
+        samples: normalized samples (`conversations`, `images`, `videos`).
         max_new_tokens: generation budget per answer (tokens).
         batch_size: prompts per `generate` call (left-padded after splicing).
 
@@ -52,7 +52,8 @@ def generate_answers(
         for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch", disable=not progress):
             chunk = samples[start : start + batch_size]
             encoded = [
-                processor(split_prompt(s)[0], s.get("images", []), add_generation_prompt=True, sample_id=s.get("id"))
+                processor(split_prompt(s)[0], s.get("images", []), add_generation_prompt=True, sample_id=s.get("id"),
+                          videos=s.get("videos", []))
                 for s in chunk
             ]
             batch = processor.collate(encoded)

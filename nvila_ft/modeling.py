@@ -28,6 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration import IGNORE_INDEX, MEDIA_TOKENS, SENTINEL_TOKEN, NvilaConfig, with_v4_keys
 from .projector import MultimodalProjector
+from .video import PoolSize, pool_frames
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +325,50 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         end = self.get_input_embeddings()(end_ids)
         return [torch.cat([f.to(end.dtype), end]) for f in self.encode_images(pixel_values, block_sizes)]
 
+    def video_embeddings(
+        self,
+        pixel_values_videos: torch.Tensor,
+        video_frames: Sequence[int] | torch.Tensor,
+        pool_sizes: Sequence[PoolSize] | torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Each video's embeddings as spliced into the LLM input at its `<vila/video>` token.
+
+        Frames are encoded like images without a block size (single 448 resize; with dynamic_s2 the 1152-wide
+        features are repeated per scale), projected, then for each pool size (t, h, w) averaged over groups of
+        t consecutive frames (and h x w token windows) as NVILA's `TSPVideoEncoder` does; every frame group
+        is followed by the "\\n" end-token embedding, groups in time order, pool streams concatenated.
+
+        Args:
+            pixel_values_videos: (F, 3, 448, 448) frames of all videos, video after video.
+            video_frames: frames per video (sums to F); each must be a multiple of every t.
+            pool_sizes: (t, h, w) per stream (list or (P, 3) LongTensor, as the processor's `collate` gives);
+                None = config `video_encoder` (no pooling for BasicVideoEncoder).
+
+        Returns:
+            list of (groups x (tokens per group + end tokens), hidden_size) tensors, one per video.
+
+        Raises:
+            ValueError: frame counts do not sum to F, or a pool size does not divide a video (see `pool_frames`).
+        """
+        counts = [int(n) for n in (video_frames.tolist() if isinstance(video_frames, torch.Tensor) else video_frames)]
+        if sum(counts) != pixel_values_videos.shape[0]:
+            raise ValueError(f"video_frames {counts} sum to {sum(counts)} but pixel_values_videos has "
+                             f"{pixel_values_videos.shape[0]} frames")
+        if isinstance(pool_sizes, torch.Tensor):
+            pool_sizes = [tuple(p) for p in pool_sizes.tolist()]
+        pools = list(self.config.pool_sizes if pool_sizes is None else pool_sizes) or [(1, 1, 1)]
+        end_ids = torch.tensor(self.config.end_token_ids, device=self.get_input_embeddings().weight.device)
+        end = self.get_input_embeddings()(end_ids)
+        frames = torch.stack(self.encode_images(pixel_values_videos, None)).to(end.dtype)  # F, N, H
+        out = []
+        for video in frames.split(counts):
+            streams = []
+            for pool in pools:
+                groups = pool_frames(video, pool)  # G, N', H
+                streams.append(torch.cat([groups, end.expand(groups.shape[0], -1, -1)], dim=1).flatten(0, 1))
+            out.append(torch.cat(streams))
+        return out
+
     # ------------------------------------------------------------------ splicing
     def embed(
         self,
@@ -333,45 +378,64 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         block_sizes: BlockSizes = None,
         labels: torch.Tensor | None = None,
         padding_side: str = "right",
+        pixel_values_videos: torch.Tensor | None = None,
+        video_frames: Sequence[int] | torch.Tensor | None = None,
+        pool_sizes: Sequence[PoolSize] | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Builds `inputs_embeds` with every `<image>` token replaced by that image's embeddings.
+        """Builds `inputs_embeds` with every `<image>` / `<vila/video>` token replaced by that medium's embeddings.
 
         Args:
-            input_ids: (B, L) int64 with one `<image>` token per image (padding per `attention_mask`).
+            input_ids: (B, L) int64 with one `<image>` token per image and one `<vila/video>` token per video
+                (padding per `attention_mask`).
             attention_mask: (B, L) 1 for real tokens; padded positions are dropped before splicing.
             pixel_values, block_sizes: see :meth:`encode_images`; images are consumed in order of
                 appearance, sample by sample.
             labels: (B, L) int64 or None; media positions become -100.
             padding_side: where the expanded sequences are padded ("right" for training, "left" to generate).
+            pixel_values_videos, video_frames, pool_sizes: see :meth:`video_embeddings`; videos are consumed
+                in order of appearance, sample by sample.
 
         Returns:
             inputs_embeds (B, L', H), attention_mask (B, L') int64, labels (B, L') or None.
 
         Raises:
-            ValueError: placeholder count and image count differ.
+            ValueError: placeholder count and image (or video) count differ.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        image_id = self.config.image_token_id
-        if self.config.video_token_id is not None and (input_ids == self.config.video_token_id).any():
-            raise NotImplementedError("<vila/video> inputs are not supported yet (video issue)")
-        is_media = input_ids == image_id
-        n_placeholders = int((is_media & attention_mask.bool()).sum())
+        image_id, video_id = self.config.image_token_id, self.config.video_token_id
+        is_image = input_ids == image_id
+        is_video = input_ids == video_id if video_id is not None else torch.zeros_like(is_image)
+        is_media = is_image | is_video
+        n_placeholders = int((is_image & attention_mask.bool()).sum())
         media = self.media_embeddings(pixel_values, block_sizes) if pixel_values is not None else []
         if len(media) != n_placeholders:
             raise ValueError(f"{n_placeholders} <image> tokens in input_ids but {len(media)} images in pixel_values")
+        n_video_placeholders = int((is_video & attention_mask.bool()).sum())
+        videos = []
+        if pixel_values_videos is not None:
+            if video_frames is None:
+                raise ValueError("pixel_values_videos given without video_frames (frames per video)")
+            videos = self.video_embeddings(pixel_values_videos, video_frames, pool_sizes)
+        if len(videos) != n_video_placeholders:
+            raise ValueError(f"{n_video_placeholders} <vila/video> tokens in input_ids but {len(videos)} videos in "
+                             "pixel_values_videos / video_frames")
         text = self.get_input_embeddings()(input_ids.masked_fill(is_media, 0))
-        seqs, labs, m = [], [], 0
+        seqs, labs, m, v = [], [], 0, 0
         for b in range(input_ids.shape[0]):
             keep = attention_mask[b].bool()
             ids, emb = input_ids[b][keep], text[b][keep]
             lab = labels[b][keep] if labels is not None else None
             pieces, lab_pieces, start = [], [], 0
-            for pos in (ids == image_id).nonzero().flatten().tolist():
-                pieces += [emb[start:pos], media[m].to(emb.dtype)]
+            for pos in (is_media[b][keep]).nonzero().flatten().tolist():
+                if ids[pos] == image_id:
+                    item, m = media[m], m + 1
+                else:
+                    item, v = videos[v], v + 1
+                pieces += [emb[start:pos], item.to(emb.dtype)]
                 if lab is not None:
-                    lab_pieces += [lab[start:pos], lab.new_full((media[m].shape[0],), IGNORE_INDEX)]
-                m, start = m + 1, pos + 1
+                    lab_pieces += [lab[start:pos], lab.new_full((item.shape[0],), IGNORE_INDEX)]
+                start = pos + 1
             pieces.append(emb[start:])
             seqs.append(torch.cat(pieces))
             if lab is not None:
@@ -396,6 +460,9 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         block_sizes: BlockSizes = None,
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_frames: Sequence[int] | torch.Tensor | None = None,
+        pool_sizes: Sequence[PoolSize] | torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Loss and logits of a (batch of) conversation(s) with images.
@@ -407,6 +474,8 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             block_sizes: per-image (rows, cols) for `dynamic_s2`; see :meth:`encode_images`.
             labels: (B, L) int64, -100 where no loss is taken.
             inputs_embeds: skip splicing and feed these to the LLM directly.
+            pixel_values_videos: (F, 3, 448, 448) float frames of all videos of the batch.
+            video_frames: (num_videos,) frames per video; pool_sizes: see :meth:`video_embeddings`.
 
         Returns:
             `CausalLMOutputWithPast` with `loss` (mean token cross-entropy, when labels are given) and
@@ -414,7 +483,8 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         """
         if inputs_embeds is None:
             inputs_embeds, attention_mask, labels = self.embed(
-                input_ids, attention_mask, pixel_values, block_sizes, labels
+                input_ids, attention_mask, pixel_values, block_sizes, labels,
+                pixel_values_videos=pixel_values_videos, video_frames=video_frames, pool_sizes=pool_sizes,
             )
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
@@ -425,20 +495,65 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         block_sizes: BlockSizes = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_frames: Sequence[int] | torch.Tensor | None = None,
+        pool_sizes: Sequence[PoolSize] | torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Generates continuations; returns only the new token ids (B, new_tokens).
 
+        Inputs as for :meth:`forward` (from :class:`~nvila_ft.processing.NvilaProcessor`, videos included).
         Sequences are left-padded after splicing so that batched prompts end together. Stops at the
         tokenizer's EOS (`<|im_end|>` for Qwen2 chat) unless `eos_token_id` is given.
         """
         inputs_embeds, attention_mask, _ = self.embed(
-            input_ids, attention_mask, pixel_values, block_sizes, padding_side="left"
+            input_ids, attention_mask, pixel_values, block_sizes, padding_side="left",
+            pixel_values_videos=pixel_values_videos, video_frames=video_frames, pool_sizes=pool_sizes,
         )
         if self.tokenizer is not None:
             generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
             generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+
+
+    @torch.no_grad()
+    def generate_content(
+        self,
+        prompt: str,
+        images: Sequence = (),
+        videos: Sequence = (),
+        num_video_frames: int | None = None,
+        video_fps: float | None = None,
+        temporal_pool: Sequence[int] | None = None,
+        max_new_tokens: int = 64,
+        **generate_kwargs,
+    ) -> str:
+        """Answers one prompt about images and/or videos (greedy unless sampling kwargs are given).
+
+            model.generate_content("What happens in this video?", videos=["clip.mp4"])
+
+        Args:
+            prompt: the user's text; media placeholders are added in front (or keep your own, one per medium).
+            images: PIL images or paths.
+            videos: video paths, bytes or frames folders, or lists of PIL frames.
+            num_video_frames, video_fps, temporal_pool: video sampling and pooling for this call; None = the
+                checkpoint config (`num_video_frames`, `fps`, `video_encoder` pool_sizes).
+            max_new_tokens: generation budget (tokens).
+
+        Returns:
+            The decoded answer, stripped.
+        """
+        from .processing import NvilaProcessor
+
+        processor = NvilaProcessor(self.tokenizer, self.config, num_video_frames=num_video_frames,
+                                   video_fps=video_fps, temporal_pool=temporal_pool)
+        enc = processor([{"from": "human", "value": prompt}], images, add_generation_prompt=True, videos=videos)
+        batch = processor.collate([enc])
+        device = self.get_input_embeddings().weight.device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        generate_kwargs.setdefault("do_sample", False)
+        out = self.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
+        return processor.decode(out[0])
 
 
 def _resize_embeddings_like_official(llm: nn.Module, new_rows: int, storage_dtype: torch.dtype | None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from PIL import Image
 from .configuration import IGNORE_INDEX, MEDIA_TOKENS, NvilaConfig
 from .image_processing import TilingConfig, num_tiles, preprocess_image
 from .projector import num_output_tokens
+from .video import PoolSize, VideoSource, frames_multiple, load_video
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +37,56 @@ class SampleTooLongError(ValueError):
 
 @dataclass
 class MediaLayout:
-    """How images of one sample become placeholders and tiles.
+    """How the images and videos of one sample become placeholders and tiles.
 
     Attributes:
         pixel_values: (T, 3, 448, 448) float32 tiles, or None without images.
         block_sizes: one entry per `<image>` placeholder: (rows, cols) for a dynamic_s2 image, else None.
-        placeholder_text: text prepended to the first user turn.
-        media_tokens: embedding rows each placeholder expands to (visual tokens + end tokens).
+        placeholder_text: text prepended to the first user turn (image placeholders, then video placeholders).
+        media_tokens: embedding rows each `<image>` placeholder expands to (visual tokens + end tokens).
+        pixel_values_videos: (F, 3, 448, 448) float32 frames of all videos in order, or None without videos.
+        video_frames: frames per video (after padding to a multiple of the temporal pool size).
+        video_tokens: embedding rows each `<vila/video>` placeholder expands to.
     """
 
     pixel_values: torch.Tensor | None
     block_sizes: list[tuple[int, int] | None]
     placeholder_text: str
     media_tokens: list[int]
+    pixel_values_videos: torch.Tensor | None = None
+    video_frames: list[int] = dataclasses.field(default_factory=list)
+    video_tokens: list[int] = dataclasses.field(default_factory=list)
+
+
+def placeholder_problem(conversations: Sequence[dict], n_images: int, n_videos: int) -> str | None:
+    """Why a sample's media placeholders do not match its media, or None when they do.
+
+    Text without any placeholder is fine (media go to the start of the first user turn). Otherwise the
+    `<image>` count must equal the image count and the `<vila/video>` count the video count; a video-only
+    sample may also mark its videos with `<image>` (the LLaVA-Video convention).
+    """
+    texts = [str(t.get("value", t.get("content")) or "") for t in conversations]
+    n_image_ph = sum(t.count(MEDIA_TOKENS["image"]) for t in texts)
+    n_video_ph = sum(t.count(MEDIA_TOKENS["video"]) for t in texts)
+    if n_image_ph + n_video_ph == 0 or (n_image_ph, n_video_ph) == (n_images, n_videos):
+        return None
+    if n_images == 0 and n_video_ph == 0 and n_image_ph == n_videos:
+        return None
+    if n_videos == 0 and n_video_ph == 0:
+        return f"{n_image_ph} {MEDIA_TOKENS['image']} placeholder(s) but {n_images} image(s)"
+    return (f"{n_image_ph} {MEDIA_TOKENS['image']} and {n_video_ph} {MEDIA_TOKENS['video']} placeholder(s) but "
+            f"{n_images} image(s) and {n_videos} video(s)")
+
+
+def _pool_list(temporal_pool) -> list[PoolSize]:
+    """[t, h, w] or [[t, h, w], ...] -> list of 3-tuples; (1, 1, 1) alone means no pooling."""
+    if temporal_pool is None:
+        return []
+    pools = [temporal_pool] if isinstance(temporal_pool[0], int) else list(temporal_pool)
+    pools = [tuple(int(x) for x in p) for p in pools]
+    if any(len(p) != 3 or min(p) < 1 for p in pools):
+        raise ValueError(f"temporal_pool must be [t, h, w] of integers >= 1, got {temporal_pool}")
+    return [] if pools == [(1, 1, 1)] else pools
 
 
 class NvilaProcessor:
@@ -61,6 +100,17 @@ class NvilaProcessor:
         max_length: largest expanded sequence (tokens incl. visual tokens); default the tokenizer's
             `model_max_length` (4096 NVILA-Lite SFT, 8192 NVILA).
         system_prompt: system message for every conversation; None keeps the template's default.
+        num_video_frames: frames sampled per video; None = config `num_video_frames` (8 for NVILA).
+        video_fps: 0 = uniform sampling, > 0 = at most this many frames per second; None = config `fps`.
+        temporal_pool: (t, h, w) or a list of them: average every t consecutive frames' tokens and h x w
+            token windows (paper, temporal compression); None = the config's `video_encoder` pool_sizes
+            ([8, 1, 1] for NVILA-8B-Video, none for NVILA-8B). Must divide `num_video_frames` (t) and the
+            per-frame token grid (h, w: 16 for 2x2 projectors, 11 for 3x3).
+        video_cache_dir: opt-in folder caching decoded frames between epochs (see `nvila_ft.video.load_video`).
+
+    Raises:
+        ValueError: a bad tiling mode, `num_video_frames` not a multiple of the temporal pool size t, or a
+            spatial pool size that does not divide the frame token grid.
     """
 
     def __init__(
@@ -71,6 +121,10 @@ class NvilaProcessor:
         max_tiles: int | None = None,
         max_length: int | None = None,
         system_prompt: str | None = None,
+        num_video_frames: int | None = None,
+        video_fps: float | None = None,
+        temporal_pool: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        video_cache_dir: str | os.PathLike | None = None,
     ):
         self.tokenizer = tokenizer
         self.config = config
@@ -83,6 +137,27 @@ class NvilaProcessor:
         self.image_token_id = tokenizer.media_token_ids["image"]
         self.end_token_ids = tokenizer("\n", add_special_tokens=False).input_ids
         self.tokens_per_tile = tokens_per_tile(config, self.tiling)
+        self.video_token = MEDIA_TOKENS["video"]
+        self.video_token_id = tokenizer.media_token_ids["video"]
+        self.num_video_frames = num_video_frames or config.num_video_frames
+        self.video_fps = float(config.fps if video_fps is None else video_fps)
+        self.pool_sizes = config.pool_sizes if temporal_pool is None else _pool_list(temporal_pool)
+        self.video_cache_dir = video_cache_dir
+        self._check_video_settings()
+
+    def _check_video_settings(self) -> None:
+        multiple = frames_multiple(self.pool_sizes)
+        if self.video_fps == 0 and self.num_video_frames % multiple:
+            raise ValueError(
+                f"num_video_frames {self.num_video_frames} is not a multiple of the temporal pool size {multiple}: "
+                f"pooling averages groups of consecutive frames. Use {multiple * max(1, self.num_video_frames // multiple)} "
+                f"or {multiple * (self.num_video_frames // multiple + 1)} frames, or another pool size."
+            )
+        grid = math.isqrt(self.tokens_per_tile)
+        for t, h, w in self.pool_sizes:
+            if grid * grid != self.tokens_per_tile or grid % h or grid % w:
+                raise ValueError(f"spatial pool {h}x{w} of temporal_pool {[t, h, w]} does not divide the "
+                                 f"{grid}x{grid} tokens of a frame; use sizes that divide {grid}.")
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs) -> NvilaProcessor:
@@ -99,7 +174,9 @@ class NvilaProcessor:
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder)
         config = {**dataclasses.asdict(self.tiling), "max_length": self.max_length,
-                  "system_prompt": self.system_prompt, "tokens_per_tile": self.tokens_per_tile}
+                  "system_prompt": self.system_prompt, "tokens_per_tile": self.tokens_per_tile,
+                  "num_video_frames": self.num_video_frames, "video_fps": self.video_fps,
+                  "temporal_pool": [list(p) for p in self.pool_sizes]}
         path = folder / "processor_config.json"
         path.write_text(json.dumps(config, indent=2))
         return path
@@ -109,15 +186,68 @@ class NvilaProcessor:
         # The official code tiles (dynamic / dynamic_s2) only when a sample has exactly one image.
         return n_images != 1
 
-    def layout_media(self, images: Sequence[Image.Image | str | os.PathLike]) -> MediaLayout:
-        """Loads and tiles the images of one sample.
+    def layout_media(
+        self,
+        images: Sequence[Image.Image | str | os.PathLike],
+        videos: Sequence[VideoSource | Sequence[Image.Image]] = (),
+    ) -> MediaLayout:
+        """Loads and tiles the images, and loads and resizes the video frames, of one sample.
 
         Returns:
             :class:`MediaLayout`. dynamic_s2: one placeholder per image with its block size;
             dynamic: one placeholder per tile (`<image>\\n` each); resize or several images: one per image.
+            Videos: one `<vila/video>` placeholder each, frames as single 448 resizes (see :meth:`load_frames`).
         """
-        if not images:
-            return MediaLayout(None, [], "", [])
+        layout = self._layout_images(images) if images else MediaLayout(None, [], "", [])
+        if videos:
+            frames = [self.load_frames(video) for video in videos]
+            layout.pixel_values_videos = torch.cat([self.frame_pixels(f) for f in frames])
+            layout.video_frames = [len(f) for f in frames]
+            layout.video_tokens = [self.count_video_tokens(len(f)) for f in frames]
+            layout.placeholder_text += self.video_token * len(videos)
+        return layout
+
+    def load_frames(self, video: VideoSource | Sequence[Image.Image]) -> list[Image.Image]:
+        """A video's sampled frames, padded to a multiple of the temporal pool size t by repeating the last frame.
+
+        Args:
+            video: a path, bytes or frames folder (decoded with `num_video_frames`, `video_fps`,
+                `video_cache_dir`), or frames already decoded (PIL images, used as given).
+
+        Padding only happens with `video_fps > 0` (the frame count then depends on the video's length) or
+        with pre-decoded frames; a `num_video_frames` that t does not divide is refused at construction.
+        """
+        if isinstance(video, str | os.PathLike | bytes | bytearray):
+            frames = load_video(video, self.num_video_frames, self.video_fps, self.video_cache_dir)
+        else:
+            frames = list(video)
+        multiple = frames_multiple(self.pool_sizes)
+        if not frames:
+            raise ValueError("a video without frames")
+        return frames + [frames[-1]] * (-len(frames) % multiple)
+
+    def frame_pixels(self, frames: Sequence[Image.Image]) -> torch.Tensor:
+        """(F, 3, 448, 448) float32 pixels of video frames: each a single 448 resize, as NVILA does for frames."""
+        return torch.cat([preprocess_image(frame, self.tiling, single=True)[0] for frame in frames])
+
+    def count_video_tokens(self, num_frames: int | None = None) -> int:
+        """Embedding rows a `<vila/video>` placeholder expands to, from the frame count alone.
+
+        `F' = num_frames` rounded up to a multiple of t (last frame repeated); then per pool (t, h, w):
+        `F' / t` groups x (`tokens_per_tile / (h * w)` tokens + the "\\n" end tokens). Without pooling:
+        `F'` x (`tokens_per_tile` + end tokens), e.g. 8 frames x (256 + 1) = 2056 for NVILA-8B, and
+        256 frames with [8, 1, 1] (NVILA-8B-Video): 32 x 257 = 8224.
+
+        Args:
+            num_frames: decoded frames; None = `num_video_frames`.
+        """
+        num_frames = self.num_video_frames if num_frames is None else num_frames
+        multiple = frames_multiple(self.pool_sizes)
+        padded = -(-num_frames // multiple) * multiple
+        end = len(self.end_token_ids)
+        return sum(padded // t * (self.tokens_per_tile // (h * w) + end) for t, h, w in self.pool_sizes or [(1, 1, 1)])
+
+    def _layout_images(self, images: Sequence[Image.Image | str | os.PathLike]) -> MediaLayout:
         single = self._image_mode_single(len(images))
         tiles, block_sizes, text, tokens = [], [], [], []
         for image in images:
@@ -217,37 +347,58 @@ class NvilaProcessor:
         images: Sequence[Image.Image | str | os.PathLike] = (),
         add_generation_prompt: bool = False,
         sample_id: str | None = None,
+        videos: Sequence[VideoSource | Sequence[Image.Image]] = (),
     ) -> dict:
         """Encodes one sample.
 
         Args:
             conversations: LLaVA turns [{"from": "human"|"gpt"|"system", "value": str}, ...]. For a
                 generation prompt, pass the turns up to the last user turn and `add_generation_prompt=True`.
-            images: PIL images or paths, in order.
+            images: PIL images or paths, in order. A sample with several images gets a single 448 resize per
+                image, as the official code does (videos do not count); one image keeps the tiling mode.
             sample_id: named in errors.
+            videos: video paths, bytes or frames folders (decoded here, see :meth:`load_frames`), or lists
+                of already decoded PIL frames. Each becomes one `<vila/video>` placeholder.
 
         Returns:
             dict with `input_ids` (L,) int64, `attention_mask` (L,), `labels` (L,) int64 (-100 outside
             assistant answers; absent with `add_generation_prompt`), `pixel_values` (T, 3, 448, 448)
-            float32 or None, `block_sizes` list, `num_tokens` (expanded length).
+            float32 or None, `block_sizes` list, `num_tokens` (expanded length). With videos also
+            `pixel_values_videos` (F, 3, 448, 448) float32, `video_frames` (frames per video, list of int) and
+            `pool_sizes` (this processor's [t, h, w] list, so that the model pools as the tokens were counted).
 
         Raises:
+            ValueError: the text's media placeholders do not match the media (see `placeholder_problem`);
+                the message names the sample.
             SampleTooLongError: expanded length > `max_length` (never truncated: truncation could cut
-                visual tokens or the whole answer).
+                visual tokens or the whole answer); the message gives the text, image and video token counts.
+            nvila_ft.video.VideoError: a video cannot be decoded.
         """
-        media = self.layout_media(images)
+        problem = placeholder_problem(conversations, len(images), len(videos))
+        if problem:
+            raise ValueError(f"sample {sample_id}: {problem}; put one placeholder per medium in the text, or none")
+        media = self.layout_media(images, videos)
         messages = self.to_messages(conversations, media.placeholder_text)
         ids, labels = self.tokenize_messages(messages, add_generation_prompt, with_labels=not add_generation_prompt)
         n_placeholders = ids.count(self.image_token_id)
-        if n_placeholders != len(media.media_tokens):
-            raise ValueError(f"sample {sample_id}: {n_placeholders} <image> tokens after templating but "
-                             f"{len(media.media_tokens)} images")
-        num_tokens = len(ids) - n_placeholders + sum(media.media_tokens)
+        n_video_placeholders = ids.count(self.video_token_id)
+        if n_placeholders != len(media.media_tokens) or n_video_placeholders != len(media.video_tokens):
+            raise ValueError(f"sample {sample_id}: {n_placeholders} <image> and {n_video_placeholders} <vila/video> "
+                             f"tokens after templating but {len(media.media_tokens)} images and "
+                             f"{len(media.video_tokens)} videos")
+        text_tokens = len(ids) - n_placeholders - n_video_placeholders
+        num_tokens = text_tokens + sum(media.media_tokens) + sum(media.video_tokens)
         if num_tokens > self.max_length:
+            video = ""
+            if media.video_tokens:
+                pool = f" / t={frames_multiple(self.pool_sizes)}" if self.pool_sizes else ""
+                video = (f" + {sum(media.video_tokens)} video ({'+'.join(map(str, media.video_frames))} frames x "
+                         f"{self.tokens_per_tile} tokens per frame{pool}, plus end tokens)")
             raise SampleTooLongError(
-                f"sample {sample_id}: {num_tokens} tokens ({len(ids) - n_placeholders} text + "
-                f"{sum(media.media_tokens)} visual) > max_length {self.max_length}. Raise data.max_length, "
-                "lower model.max_tiles, or drop the sample (data.on_bad_row=skip)."
+                f"sample {sample_id}: {num_tokens} tokens ({text_tokens} text + "
+                f"{sum(media.media_tokens)} visual{video}) > max_length {self.max_length}. Raise data.max_length, "
+                "lower model.max_tiles or model.num_video_frames, pool frames (model.temporal_pool), or drop "
+                "the sample (data.on_bad_row=skip)."
             )
         out = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
@@ -256,20 +407,36 @@ class NvilaProcessor:
             "block_sizes": media.block_sizes,
             "num_tokens": num_tokens,
         }
+        if videos:
+            out["pixel_values_videos"] = media.pixel_values_videos
+            out["video_frames"] = media.video_frames
+            out["pool_sizes"] = [list(p) for p in self.pool_sizes]
         if labels is not None:
             out["labels"] = torch.tensor(labels, dtype=torch.long)
         return out
 
-    def num_tokens(self, conversations: Sequence[dict], image_sizes: Sequence[tuple[int, int]]) -> int:
-        """Expanded length of a training sample from image sizes only (for preflight)."""
+    def num_tokens(
+        self,
+        conversations: Sequence[dict],
+        image_sizes: Sequence[tuple[int, int]],
+        video_frames: Sequence[int] = (),
+    ) -> int:
+        """Expanded length of a training sample from image sizes and video frame counts only (for preflight).
+
+        Args:
+            image_sizes: (width, height) per image.
+            video_frames: decoded frames per video (before padding; see :meth:`count_video_tokens`).
+        """
         n = len(image_sizes)
         if self.tiling.image_aspect_ratio == "dynamic" and n == 1:
             w, h = image_sizes[0]
             placeholder = f"{self.image_token}\n" * num_tiles(w, h, self.tiling)[0]
         else:
             placeholder = self.image_token * n
+        placeholder += self.video_token * len(video_frames)
         ids, _ = self.tokenize_messages(self.to_messages(conversations, placeholder), with_labels=False)
-        return len(ids) - ids.count(self.image_token_id) + self.count_media_tokens(image_sizes)
+        text = len(ids) - ids.count(self.image_token_id) - ids.count(self.video_token_id)
+        return text + self.count_media_tokens(image_sizes) + sum(self.count_video_tokens(f) for f in video_frames)
 
     def collate(self, features: Sequence[dict], padding_side: str = "right") -> dict:
         """Pads a list of encoded samples into a batch.
@@ -277,7 +444,9 @@ class NvilaProcessor:
         Returns:
             `input_ids`, `attention_mask`, `labels` (when present) (B, L); `pixel_values` (T, 3, 448, 448)
             concatenated in sample order, or None; `block_sizes` LongTensor (num_images, 2), (0, 0) for
-            images without a block size.
+            images without a block size. When any sample has videos: `pixel_values_videos` (F, 3, 448, 448)
+            frames of all videos in sample order, `video_frames` LongTensor (num_videos,) frames per video and
+            `pool_sizes` LongTensor (num_pools, 3) of (t, h, w), (1, 1, 1) for no pooling.
         """
         length = max(f["input_ids"].shape[0] for f in features)
         pad_id = self.tokenizer.pad_token_id
@@ -299,6 +468,15 @@ class NvilaProcessor:
         batch["pixel_values"] = torch.cat(pixels) if pixels else None
         sizes = [bs or (0, 0) for f in features for bs in f.get("block_sizes", [])]
         batch["block_sizes"] = torch.tensor(sizes, dtype=torch.long).reshape(-1, 2)
+        frames = [f["pixel_values_videos"] for f in features if f.get("pixel_values_videos") is not None]
+        if frames:
+            batch["pixel_values_videos"] = torch.cat(frames)
+            batch["video_frames"] = torch.tensor([n for f in features for n in f.get("video_frames", [])],
+                                                 dtype=torch.long)
+            pools = {tuple(map(tuple, f["pool_sizes"])) for f in features if f.get("video_frames")}
+            if len(pools) > 1:
+                raise ValueError(f"samples encoded with different temporal pools {sorted(pools)} cannot share a batch")
+            batch["pool_sizes"] = torch.tensor(list(pools.pop()) or [[1, 1, 1]], dtype=torch.long).reshape(-1, 3)
         return batch
 
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:

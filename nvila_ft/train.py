@@ -28,7 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .data import load_samples, preflight
+from .data import VideoCheck, load_samples, preflight
 from .evaluate import evaluate_vqa
 from .modeling import DTYPES, NvilaForConditionalGeneration
 from .plan import MemoryBudgetError, check_budget
@@ -56,7 +56,8 @@ class SupervisedDataset(Dataset):
         for offset in range(len(self.samples)):
             sample = self.samples[(index + offset) % len(self.samples)]
             try:
-                return self.processor(sample["conversations"], sample.get("images", []), sample_id=sample.get("id"))
+                return self.processor(sample["conversations"], sample.get("images", []), sample_id=sample.get("id"),
+                                      videos=sample.get("videos", []))
             except Exception as err:  # noqa: BLE001 - any failure of one row is reported, not fatal
                 self.failures += 1
                 logger.error("skipping %s[%s] id=%s at train time: %s", sample.get("source"), sample.get("index"),
@@ -70,16 +71,28 @@ def prepare_data(recipe: Recipe, processor: NvilaProcessor, split: str, max_samp
     """Loads one split and runs the preflight (all rows checked, bad rows reported with file and index)."""
     d = recipe.data
     samples = load_samples(d.path, split, format=d.format, image_folder=d.image_folder, image_column=d.image_column,
-                           question_column=d.question_column, answer_column=d.answer_column, max_samples=max_samples)
+                           question_column=d.question_column, answer_column=d.answer_column, max_samples=max_samples,
+                           video_column=d.video_column, video_folder=d.video_folder)
     if not d.preflight:
         return samples
 
     def length_fn(sample: dict) -> int:
         sizes = [_image_size(im) for im in sample.get("images", [])]
-        return processor.num_tokens(sample["conversations"], sizes)
+        return processor.num_tokens(sample["conversations"], sizes, sample.get("video_frames", ()))
 
-    report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=length_fn, max_length=processor.max_length)
-    logger.info("%s split: %s", split, report.summary().splitlines()[0])
+    video_check = VideoCheck(num_frames=processor.num_video_frames, fps=processor.video_fps,
+                             short_videos=d.short_videos, sample=d.preflight_video_sample, seed=recipe.train.seed,
+                             cache_dir=d.video_cache_dir, tokens_fn=processor.count_video_tokens)
+    report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=length_fn, max_length=processor.max_length,
+                       video_check=video_check)
+    lines = report.summary().splitlines()
+    logger.info("%s split: %s", split, lines[0])
+    video_lines = [line for line in lines if line.startswith("video rows:")]
+    if video_lines:
+        pool = [list(p) for p in processor.pool_sizes] or "none"
+        logger.info("%s split: %s; %d frames per video, %d tokens per frame, temporal pool %s -> %d visual tokens "
+                    "per video", split, video_lines[0], processor.num_video_frames, processor.tokens_per_tile, pool,
+                    processor.count_video_tokens())
     return report.ok
 
 
@@ -197,6 +210,19 @@ def run_info(recipe: Recipe) -> dict:
             "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def apply_video_settings(config, model_recipe) -> None:
+    """Writes the recipe's video settings (model.num_video_frames, video_fps, temporal_pool) into the model config,
+    where the processor, the model's pooling and saved checkpoints all read them; null keeps the checkpoint's."""
+    from .video import video_encoder_config
+
+    if model_recipe.num_video_frames is not None:
+        config.num_video_frames = model_recipe.num_video_frames
+    if model_recipe.video_fps is not None:
+        config.fps = model_recipe.video_fps
+    if model_recipe.temporal_pool is not None:
+        config.video_encoder = json.dumps(video_encoder_config([model_recipe.temporal_pool]))
+
+
 class TrainingRun:
     """One fine-tuning run wired from a recipe (used by :func:`main` and the Python API)."""
 
@@ -220,6 +246,11 @@ class TrainingRun:
 
             logger.info("building the quickstart medical set at %s (data.builtin)", d.path)
             build_quickstart_dataset(d.path)
+        if d.builtin == "video_quickstart" and not Path(d.path).exists():
+            from .video_quickstart import build_video_quickstart_dataset
+
+            logger.info("building the video quickstart set at %s (data.builtin)", d.path)
+            build_video_quickstart_dataset(d.path)
 
     def load_model(self):
         m, tune, train = self.recipe.model, self.recipe.tune, self.recipe.train
@@ -234,6 +265,7 @@ class TrainingRun:
         model = NvilaForConditionalGeneration.from_pretrained(
             m.path, dtype=dtype, attn_implementation=m.attn_implementation, llm_quantization_config=quant,
             device_map=device_map)
+        apply_video_settings(model.config, m)
         if torch.cuda.is_available():
             model.vision_tower.to(model.llm.device)
             model.mm_projector.to(model.llm.device)
@@ -253,7 +285,8 @@ class TrainingRun:
             model.gradient_checkpointing_enable(parts=gc_parts)
         processor = NvilaProcessor(model.tokenizer, model.config, image_aspect_ratio=m.image_aspect_ratio,
                                    max_tiles=m.max_tiles, max_length=self.recipe.data.max_length,
-                                   system_prompt=self.recipe.data.system_prompt)
+                                   system_prompt=self.recipe.data.system_prompt,
+                                   video_cache_dir=self.recipe.data.video_cache_dir)
         set_seed(train.seed)  # adapter init (peft draws lora_A from the global RNG) follows train.seed
         model = apply_tuning(model, tune, self.recipe.lora)
         if mixed_precision(self.recipe) != "no":

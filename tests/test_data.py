@@ -71,6 +71,7 @@ def test_vqa_rad_train_and_test_splits():
     assert train[0] == {
         "id": "1",
         "images": [str(VQA_RAD / "images" / "synpic54610.jpg")],
+        "videos": [],
         "conversations": qa("<image>\nAre regions of the brain infarcted?", "Yes"),
         "answer_type": "CLOSED",
         "source": str(VQA_RAD / "trainset.json"),
@@ -185,7 +186,7 @@ EXPECTED_REASONS = {
     "nohuman": "no human turn",
     "placeholders": "2 <image> placeholder(s) but 1 image(s)",
     "noconv": "missing key 'conversations'",
-    "video": "video is not supported yet",
+    "video": "video file not found",
     "role": "conversations[0]['from'] is 'system'",
     "long": "tokens > max_length 40",
 }
