@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import nn
 
 from .configuration import NvilaConfig
 from .image_processing import TilingConfig, candidate_grids, num_tiles
-from .processing import count_image_tokens, tokens_per_tile
+from .processing import _pool_list, count_image_tokens, count_video_tokens, tokens_per_tile
 from .projector import SpatialToChannel
 from .tuning import apply_tuning, base_model, lora_target_names, used_vision_layers
 
@@ -252,25 +251,15 @@ def image_sample(config: NvilaConfig, tiling: TilingConfig, max_length: int, num
     return Sample("image", tiles, visual, tokens, llm, detail, (w, h))
 
 
-def video_token_count(num_frames: int, temporal_pool: tuple[int, int, int], tokens_per_frame: int,
-                      num_end_tokens: int) -> int:
-    """LLM input rows of a video: ceil(frames / t) pooled frames x (tokens per frame pooled h x w + end tokens).
-
-    Frames are single 448 px resizes; temporal pooling averages groups of t consecutive frames
-    (architecture note, "Video"). To be replaced by the processor's video count once video lands.
-    """
-    t, ph, pw = temporal_pool
-    side = math.isqrt(tokens_per_frame)
-    pooled = -(-side // ph) * -(-side // pw)
-    return -(-num_frames // t) * (pooled + num_end_tokens)
-
-
 def video_sample(config: NvilaConfig, tiling: TilingConfig, max_length: int, num_end_tokens: int,
-                 num_frames: int, temporal_pool: tuple[int, int, int] = (1, 1, 1),
-                 text_tokens: int | None = None) -> Sample:
-    """The video sample: `num_frames` tiles through the vision tower, pooled tokens into the LLM."""
+                 num_frames: int, temporal_pool=None, text_tokens: int | None = None) -> Sample:
+    """The video sample: `num_frames` single 448 px frames through the vision tower, their projected tokens
+    pooled by `temporal_pool` ([t, h, w] or a list of them; None = the checkpoint's `video_encoder` pools)
+    into the LLM, counted by the processor's own :func:`~nvila_ft.processing.count_video_tokens`."""
     per_tile = tokens_per_tile(config, tiling)
-    tokens = video_token_count(num_frames, temporal_pool, per_tile, num_end_tokens)
+    pools = config.pool_sizes if temporal_pool is None else _pool_list(temporal_pool)
+    tokens = count_video_tokens(per_tile, num_end_tokens, pools, num_frames)
+    temporal_pool = [list(p) for p in pools] or [1, 1, 1]
     llm = max_length if text_tokens is None else min(max_length, tokens + text_tokens)
     detail = f"1 video, {num_frames} frames, temporal pool {list(temporal_pool)}"
     return Sample("video", num_frames, num_frames * per_tile, tokens, llm, detail)
@@ -508,9 +497,9 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
     n_end = len(config.end_token_ids or [198])
     tiling = config.tiling(m.image_aspect_ratio, m.max_tiles)
     samples = [image_sample(config, tiling, recipe.data.max_length, n_end, text_tokens)]
-    frames = num_frames or getattr(m, "num_video_frames", None)
+    frames = num_frames or m.num_video_frames
     if frames:
-        pool = tuple(temporal_pool or getattr(m, "temporal_pool", None) or (1, 1, 1))
+        pool = temporal_pool or m.temporal_pool
         samples.append(video_sample(config, tiling, recipe.data.max_length, n_end, frames, pool, text_tokens))
     for s in samples:
         if s.media_tokens > recipe.data.max_length:

@@ -231,21 +231,10 @@ class NvilaProcessor:
         return torch.cat([preprocess_image(frame, self.tiling, single=True)[0] for frame in frames])
 
     def count_video_tokens(self, num_frames: int | None = None) -> int:
-        """Embedding rows a `<vila/video>` placeholder expands to, from the frame count alone.
-
-        `F' = num_frames` rounded up to a multiple of t (last frame repeated); then per pool (t, h, w):
-        `F' / t` groups x (`tokens_per_tile / (h * w)` tokens + the "\\n" end tokens). Without pooling:
-        `F'` x (`tokens_per_tile` + end tokens), e.g. 8 frames x (256 + 1) = 2056 for NVILA-8B, and
-        256 frames with [8, 1, 1] (NVILA-8B-Video): 32 x 257 = 8224.
-
-        Args:
-            num_frames: decoded frames; None = `num_video_frames`.
-        """
+        """Embedding rows a `<vila/video>` placeholder expands to, from the frame count alone
+        (:func:`count_video_tokens` with this processor's pools; None = `num_video_frames`)."""
         num_frames = self.num_video_frames if num_frames is None else num_frames
-        multiple = frames_multiple(self.pool_sizes)
-        padded = -(-num_frames // multiple) * multiple
-        end = len(self.end_token_ids)
-        return sum(padded // t * (self.tokens_per_tile // (h * w) + end) for t, h, w in self.pool_sizes or [(1, 1, 1)])
+        return count_video_tokens(self.tokens_per_tile, len(self.end_token_ids), self.pool_sizes, num_frames)
 
     def _layout_images(self, images: Sequence[Image.Image | str | os.PathLike]) -> MediaLayout:
         single = self._image_mode_single(len(images))
@@ -509,6 +498,21 @@ def count_image_tokens(
             blocks = block_size[0] * block_size[1] if block_size else 1
             total += blocks * tokens_per_tile + num_end_tokens
     return total
+
+
+def count_video_tokens(
+    tokens_per_tile: int, num_end_tokens: int, pool_sizes: Sequence[PoolSize], num_frames: int
+) -> int:
+    """LLM input rows of one video, from its frame count alone.
+
+    `F' = num_frames` rounded up to a multiple of t (last frame repeated); then per pool (t, h, w):
+    `F' / t` groups x (`tokens_per_tile / (h * w)` tokens + the "\\n" end tokens). Without pooling
+    (`pool_sizes` empty): `F'` x (`tokens_per_tile` + end tokens), e.g. 8 frames x (256 + 1) = 2056 for
+    NVILA-8B, and 256 frames with [8, 1, 1] (NVILA-8B-Video): 32 x 257 = 8224.
+    """
+    multiple = frames_multiple(pool_sizes)
+    padded = -(-num_frames // multiple) * multiple
+    return sum(padded // t * (tokens_per_tile // (h * w) + num_end_tokens) for t, h, w in pool_sizes or [(1, 1, 1)])
 
 
 def _open_image(image) -> Image.Image:
