@@ -51,7 +51,8 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
     metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
     m, tune, lora, d, t, e = recipe.model, recipe.tune, recipe.lora, recipe.data, recipe.train, recipe.eval
     lrs = t.lr_per_part
-    base = m.path + (f" (local folder `{info['base_model_path']}`)" if info.get("base_model_path") else "")
+    local = info.get("base_model_path")
+    base = f"`{m.path}`" + (f" (local folder `{local}`)" if local and Path(local) != Path(m.path) else "")
 
     def part(name: str, mode: str) -> str:
         detail = ""
@@ -70,7 +71,7 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
     lines = [
         f"# {folder.resolve().name}",
         "",
-        f"NVILA fine-tuned with nvila-ft from **{base}**.",
+        f"NVILA fine-tuned with nvila-ft from {base}.",
         "",
         "## Training",
         "",
@@ -107,8 +108,10 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
         "```",
         "",
         "```bash",
-        f"python -m nvila_ft.predict {run} --data DATA --out predictions.jsonl   # batch inference",
-        f"python -m nvila_ft.merge {run} {run}-merged                          # full checkpoint, LoRA folded in",
+        "# batch inference (DATA: a llava json/jsonl, a VQA-RAD folder or a Hugging Face dataset)",
+        f"python -m nvila_ft.predict {run} --data DATA --out predictions.jsonl",
+        "# a full checkpoint in the official NVILA layout, LoRA folded into the LLM",
+        f"python -m nvila_ft.merge {run} {run}-merged",
         "```",
         "",
         "## Files",
