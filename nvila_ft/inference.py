@@ -153,6 +153,12 @@ def load_model(
     else:  # the 4-bit LLM is placed by device_map (GPU) or stays on the CPU
         model.vision_tower.to(device)
         model.mm_projector.to(device)
+        if device.type == "cpu":
+            # bitsandbytes' CPU eval path repacks 4-bit weights in place (and needs in_features % 64 == 0):
+            # keep the plain nf4 format, as training does, so that outputs match the trained model's.
+            for module in model.llm.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
     processor = load_processor(model, path if run else None)
     if run:
         model = attach_run(model, path, adapter_name)
