@@ -343,7 +343,7 @@ def stream_generate(
     question: str,
     **kwargs: Any,
 ) -> Iterator[str]:
-    """Like :func:`generate`, but yields the answer as it grows (the text so far, after each new piece).
+    """Like :func:`generate`, but yields the answer as it grows (the text so far, each time it changes).
 
     Generation runs in a background thread feeding a `transformers.TextIteratorStreamer`.
     """
@@ -361,10 +361,14 @@ def stream_generate(
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    text = ""
+    text, shown = "", None
     for piece in streamer:
         text += piece
-        yield text.strip()
+        if text.strip() != shown:  # pieces that decode to nothing (special tokens) add no update
+            shown = text.strip()
+            yield shown
     thread.join()
+    if shown is None and not errors:
+        yield ""
     if errors:
         raise errors[0]
