@@ -1,10 +1,15 @@
 """nvila-ft: parameter-efficient fine-tuning of NVILA vision-language models.
 
-    from nvila_ft import NvilaForConditionalGeneration, NvilaProcessor, load_recipe, TrainingRun
+    from nvila_ft.api import evaluate, generate, load_model, load_recipe, merge, train
 
-    model = NvilaForConditionalGeneration.from_pretrained("Efficient-Large-Model/NVILA-Lite-2B")
-    processor = NvilaProcessor(model.tokenizer, model.config)
-    TrainingRun(load_recipe("recipes/medical.yaml", ["train.max_steps=100"])).run()
+    run = train("recipes/medical.yaml", train_data=my_samples, metric="exact_match")
+    model, processor = load_model(run.output_dir)
+    print(generate(model, processor, "scan.png", "Is there a fracture?"))
+    merge(run.output_dir, "runs/medical-merged")
+
+The API is `nvila_ft.api` (`train`, `evaluate` and `merge` live there only: as attributes of the package they
+would be shadowed by the modules of the same names); `load_model`, `generate`, `stream_generate`,
+`AdapterBank` and `load_recipe` are also importable from `nvila_ft` itself.
 """
 
 from .configuration import NvilaConfig
@@ -13,6 +18,7 @@ from .processing import NvilaProcessor, SampleTooLongError
 from .recipe import Recipe, RecipeError, load_recipe
 
 __all__ = [
+    "AdapterBank",
     "NvilaConfig",
     "NvilaForConditionalGeneration",
     "NvilaProcessor",
@@ -20,15 +26,21 @@ __all__ = [
     "RecipeError",
     "SampleTooLongError",
     "TrainingRun",
+    "generate",
+    "load_model",
     "load_recipe",
     "load_tokenizer",
+    "stream_generate",
 ]
+
+# The training and inference stack (Trainer, peft) loads only when asked for.
+_LAZY = {"TrainingRun": "train", **{name: "inference" for name in (
+    "AdapterBank", "generate", "load_model", "stream_generate")}}
 
 
 def __getattr__(name):
-    # The training stack (Trainer, peft) loads only when asked for.
-    if name == "TrainingRun":
-        from .train import TrainingRun
+    if name in _LAZY:
+        import importlib
 
-        return TrainingRun
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)

@@ -8,7 +8,8 @@ normalized samples, then check every row before training starts.
 A normalized sample is a plain dict:
     {"id": str, "images": [path str | PIL.Image], "videos": [path str | bytes],
      "conversations": [{"from": "human"|"gpt", "value": str}],
-     "answer_type": "CLOSED" | "OPEN" | None, "source": file or dataset id, "index": row index in the source}
+     "answer_type": "CLOSED" | "OPEN" | None, "source": file or dataset id, "index": row index in the source,
+     "references": [str, ...] (only when the data lists several acceptable answers)}
 Videos are files or folders of frame images (`nvila_ft.video.load_video`); preflight adds "video_frames" (frames
 each video decodes to) to the samples it passes.
 A row that is structurally broken is kept with an extra "error" (and its "raw" row), so that preflight
@@ -63,6 +64,8 @@ def load_samples(
     max_samples: int | None = None,
     video_column: str | None = None,
     video_folder: str | os.PathLike | None = None,
+    subset: str | None = None,
+    question_template: str | None = None,
 ) -> list[dict]:
     """Loads one split of a dataset as normalized samples.
 
@@ -80,12 +83,17 @@ def load_samples(
         image_column: hf only: column with the image (a `datasets.Image`, a path string, a
             {"bytes", "path"} dict, or a list of these); None for text-only data.
         question_column: hf only: column with the question (unused when the dataset has `conversations`).
-        answer_column: hf only: column with the answer (unused when the dataset has `conversations`).
+        answer_column: hf only: column with the answer (unused when the dataset has `conversations`). A
+            `ClassLabel` column gives the class name; a list of answers (DocVQA, ChartQA) trains on the
+            first and keeps all of them in the sample's "references" for evaluation.
         max_samples: Keep only the first `max_samples` rows (None: all).
         video_column: hf only: column with the video (a path, the file's bytes, a {"bytes", "path"} dict, or
             a list of these); None = no videos. llava rows name theirs under "video" (a path or a list).
         video_folder: Folder that relative video paths are resolved against. Default: `image_folder`, else as
             for images.
+        subset: hf only: the dataset's configuration name on the Hub (e.g. "DocVQA" for lmms-lab/DocVQA).
+        question_template: hf only: the question of every row, for data without a question column
+            (classification); "{choices}" in it becomes the comma-separated class names.
 
     Returns:
         The normalized samples in source order. Rows with a structural problem carry an "error" key that
@@ -111,6 +119,8 @@ def load_samples(
         max_samples=max_samples,
         video_column=video_column,
         video_folder=video_folder,
+        subset=subset,
+        question_template=question_template,
     )
     if not samples:
         raise DataError(f"{path} has no rows for split {split!r}; point data.path at a non-empty split.")
@@ -245,12 +255,15 @@ def _load_hf(
     max_samples=None,
     video_column=None,
     video_folder=None,
+    subset=None,
+    question_template=None,
 ) -> list[dict]:
-    dataset = _open_hf(str(path), split)
+    dataset = _open_hf(str(path), split, subset)
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     columns = dataset.column_names
-    needed = [] if "conversations" in columns else [question_column, answer_column]
+    chat = "conversations" in columns
+    needed = [] if chat else [answer_column] + ([] if question_template is not None else [question_column])
     needed += [image_column] if image_column is not None else []
     needed += [video_column] if video_column is not None else []
     missing = [c for c in needed if c not in columns]
@@ -258,8 +271,13 @@ def _load_hf(
         raise DataError(
             f"dataset {path} (split {split!r}) has no column(s) {missing}; its columns are {columns}. "
             "Set data.image_column / data.video_column / data.question_column / data.answer_column "
-            "(image_column: null for data without images), or provide a 'conversations' column."
+            "(image_column: null for data without images), data.question_template for data without questions, "
+            "or provide a 'conversations' column."
         )
+    class_names = getattr(dataset.features.get(answer_column), "names", None)  # a ClassLabel column
+    if question_template is not None and "{choices}" in question_template and not chat:
+        choices = class_names or sorted({str(a) for a in dataset[answer_column] if a is not None})
+        question_template = question_template.replace("{choices}", ", ".join(choices))
     if image_column is not None:  # keep encoded bytes: decoding every image up front costs GBs of memory
         dataset = dataset.cast_column(image_column, _undecoded(dataset.features[image_column]))
     if video_column is not None:  # a datasets.Video column would decode every clip: keep bytes / paths
@@ -274,24 +292,32 @@ def _load_hf(
                 sample["images"] = _hf_images(row[image_column], image_column, folder)
             if video_column is not None:
                 sample["videos"] = _hf_videos(row[video_column], video_column, videos)
-            if "conversations" in columns:
+            if chat:
                 sample["conversations"] = _conversations(row["conversations"])
             else:
-                sample["conversations"] = _qa_turns(
-                    row[question_column], row[answer_column], n_images=len(sample["images"])
-                )
+                answer = row[answer_column]
+                if class_names is not None and isinstance(answer, int):
+                    answer = class_names[answer]
+                elif isinstance(answer, list):  # several acceptable answers: train on the first
+                    references = [str(a) for a in answer if a is not None and str(a).strip()]
+                    if not references:
+                        raise DataError(f"column {answer_column!r} holds no answer (got {answer!r})")
+                    sample["references"], answer = references, references[0]
+                question = question_template if question_template is not None else row[question_column]
+                sample["conversations"] = _qa_turns(question, answer, n_images=len(sample["images"]))
             if row.get("answer_type") is not None:
                 sample["answer_type"] = _answer_type(row["answer_type"])
-            elif "conversations" not in columns and row[answer_column] is not None:
-                sample["answer_type"] = infer_answer_type(row[answer_column])
+            elif not chat and sample["conversations"][-1]["value"]:
+                sample["answer_type"] = infer_answer_type(sample["conversations"][-1]["value"])
         except DataError as e:
             sample = _error_sample(row, index, str(path), str(e))
         samples.append(sample)
     return samples
 
 
-def _open_hf(path: str, split: str):
-    """Opens one split from a `save_to_disk` folder, a local data file/folder or a Hub id."""
+def _open_hf(path: str, split: str, subset: str | None = None):
+    """Opens one split from a `save_to_disk` folder, a local data file/folder (e.g. an image folder with
+    one sub-folder per class) or a Hub id (`subset`: its configuration name)."""
     import datasets  # heavy import, only needed for this format
 
     try:
@@ -310,7 +336,7 @@ def _open_hf(path: str, split: str):
         builder = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(Path(path).suffix)
         if builder is not None and Path(path).is_file():
             return datasets.load_dataset(builder, data_files={split: path}, split=split)
-        return datasets.load_dataset(path, split=split)
+        return datasets.load_dataset(path, subset, split=split)
     except DataError:
         raise
     # datasets raises many types here: FileNotFoundError, ValueError, DatasetNotFoundError, ...

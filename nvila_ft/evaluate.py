@@ -1,17 +1,17 @@
-"""Evaluation by greedy generation: answers for VQA samples and their VQA-RAD style metrics.
+"""Evaluation by greedy generation: answers for VQA samples, scored with a metric chosen by name.
 
-    metrics, rows = evaluate_vqa(model, processor, samples, max_new_tokens=32)
+    metrics, rows = evaluate_samples(model, processor, samples, metric="anls", max_new_tokens=32)
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import vqa_metrics
+from .metrics import compute_metric
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +28,33 @@ def split_prompt(sample: dict) -> tuple[list[dict], str]:
     return list(turns[:-1]), turns[-1]["value"]
 
 
+def prompt_turns(sample: dict) -> list[dict]:
+    """The turns to answer: all of them when the sample ends with a human turn (unlabelled data for
+    prediction), else those before the final gpt answer."""
+    turns = sample["conversations"]
+    return list(turns) if turns and turns[-1]["from"] == "human" else split_prompt(sample)[0]
+
+
+def references_of(sample: dict) -> list[str] | None:
+    """The acceptable answers of a sample: its "references" if the data lists several, else its final gpt
+    turn; None for a sample without an answer."""
+    if sample.get("references"):
+        return list(sample["references"])
+    turns = sample["conversations"]
+    return [turns[-1]["value"]] if turns and turns[-1]["from"] == "gpt" else None
+
+
 @torch.no_grad()
 def generate_answers(
-    model, processor, samples: Sequence[dict], max_new_tokens: int = 32, batch_size: int = 8, progress: bool = True
-) -> list[str]:
-    """Greedy answers to each sample's last question (its last gpt turn is left out).
+    model,
+    processor,
+    samples: Sequence[dict],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    progress: bool = True,
+    on_bad_row: str = "error",
+) -> list[str | None]:
+    """Greedy answers to each sample's last question (a final gpt turn, the reference, is left out).
 
     Args:
         model: NVILA model (or a PeftModel around one), on any device.
@@ -40,47 +62,81 @@ def generate_answers(
         samples: normalized samples (`conversations`, `images`, `videos`).
         max_new_tokens: generation budget per answer (tokens).
         batch_size: prompts per `generate` call (left-padded after splicing).
+        on_bad_row: "error" raises when a sample cannot be encoded (missing image, too long); "skip" logs
+            it and gives None as its answer.
 
     Returns:
-        Decoded answers, stripped, in sample order.
+        Decoded answers, stripped, in sample order (None for skipped samples).
     """
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
-    answers: list[str] = []
+    answers: list[str | None] = []
     try:
         for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch", disable=not progress):
-            chunk = samples[start : start + batch_size]
-            encoded = [
-                processor(split_prompt(s)[0], s.get("images", []), add_generation_prompt=True, sample_id=s.get("id"),
-                          videos=s.get("videos", []))
-                for s in chunk
-            ]
-            batch = processor.collate(encoded)
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-            answers += [processor.decode(row) for row in out]
+            encoded = []
+            for s in samples[start : start + batch_size]:
+                try:
+                    encoded.append(processor(prompt_turns(s), s.get("images", []), add_generation_prompt=True,
+                                             sample_id=s.get("id"), videos=s.get("videos", [])))
+                except Exception as err:  # noqa: BLE001 - one bad row is reported, not fatal, under "skip"
+                    if on_bad_row != "skip":
+                        raise
+                    logger.error("skipping %s[%s] id=%s: %s", s.get("source"), s.get("index"), s.get("id"), err)
+                    encoded.append(None)
+            good = [e for e in encoded if e is not None]
+            decoded = []
+            if good:
+                batch = processor.collate(good, padding_side="left")
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+                decoded = [processor.decode(row) for row in out]
+            it = iter(decoded)
+            answers += [None if e is None else next(it) for e in encoded]
     finally:
         model.train(was_training)
     return answers
 
 
+def evaluate_samples(
+    model,
+    processor,
+    samples: Sequence[dict],
+    metric: str | Callable = "vqa_rad",
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
+    """Greedy answers to labelled samples, scored with `metric` (a name in :data:`nvila_ft.metrics.METRICS`
+    or a callable `(predictions, references) -> dict | float`).
+
+    Returns:
+        (metrics, rows): `metrics` from the metric; `rows` one dict per sample with `id`, `question`,
+        `reference`, `prediction`, `answer_type` (+ `references` when the sample lists several).
+
+    Raises:
+        ValueError: a sample without a final answer to score against.
+    """
+    predictions = generate_answers(model, processor, samples, max_new_tokens, batch_size, progress)
+    references = [references_of(s) for s in samples]
+    if any(r is None for r in references):
+        raise ValueError("evaluation needs a reference answer (final gpt turn) in every sample")
+    types = [s.get("answer_type") for s in samples]
+    refs = [r if len(r) > 1 else r[0] for r in references]
+    metrics = compute_metric(metric, predictions, refs, types)
+    rows = []
+    for s, r, p, t in zip(samples, references, predictions, types):
+        row = {"id": s.get("id"), "question": prompt_turns(s)[-1]["value"], "reference": r[0], "prediction": p,
+               "answer_type": t}
+        if len(r) > 1:
+            row["references"] = r
+        rows.append(row)
+    return metrics, rows
+
+
 def evaluate_vqa(
     model, processor, samples: Sequence[dict], max_new_tokens: int = 32, batch_size: int = 8, progress: bool = True
 ) -> tuple[dict, list[dict]]:
-    """VQA-RAD metrics (closed accuracy, open exact match and token recall) of greedy answers.
-
-    Returns:
-        (metrics, rows): `metrics` from :func:`nvila_ft.metrics.vqa_metrics`; `rows` one dict per sample
-        with `id`, `question`, `reference`, `prediction`, `answer_type`.
-    """
-    predictions = generate_answers(model, processor, samples, max_new_tokens, batch_size, progress)
-    prompts = [split_prompt(s) for s in samples]
-    references = [reference for _, reference in prompts]
-    types = [s.get("answer_type") for s in samples]
-    metrics = vqa_metrics(predictions, references, types)
-    rows = [
-        {"id": s.get("id"), "question": turns[-1]["value"], "reference": r, "prediction": p, "answer_type": t}
-        for s, (turns, r), p, t in zip(samples, prompts, predictions, types)
-    ]
-    return metrics, rows
+    """VQA-RAD metrics (closed accuracy, open exact match and token recall) of greedy answers:
+    :func:`evaluate_samples` with `metric="vqa_rad"`."""
+    return evaluate_samples(model, processor, samples, "vqa_rad", max_new_tokens, batch_size, progress)

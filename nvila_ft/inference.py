@@ -153,6 +153,12 @@ def load_model(
     else:  # the 4-bit LLM is placed by device_map (GPU) or stays on the CPU
         model.vision_tower.to(device)
         model.mm_projector.to(device)
+        if device.type == "cpu":
+            # bitsandbytes' CPU eval path repacks 4-bit weights in place (and needs in_features % 64 == 0):
+            # keep the plain nf4 format, as training does, so that outputs match the trained model's.
+            for module in model.llm.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
     processor = load_processor(model, path if run else None)
     if run:
         model = attach_run(model, path, adapter_name)
@@ -337,7 +343,7 @@ def stream_generate(
     question: str,
     **kwargs: Any,
 ) -> Iterator[str]:
-    """Like :func:`generate`, but yields the answer as it grows (the text so far, after each new piece).
+    """Like :func:`generate`, but yields the answer as it grows (the text so far, each time it changes).
 
     Generation runs in a background thread feeding a `transformers.TextIteratorStreamer`.
     """
@@ -355,10 +361,14 @@ def stream_generate(
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    text = ""
+    text, shown = "", None
     for piece in streamer:
         text += piece
-        yield text.strip()
+        if text.strip() != shown:  # pieces that decode to nothing (special tokens) add no update
+            shown = text.strip()
+            yield shown
     thread.join()
+    if shown is None and not errors:
+        yield ""
     if errors:
         raise errors[0]

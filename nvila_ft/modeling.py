@@ -209,7 +209,8 @@ class NvilaForConditionalGeneration(PreTrainedModel):
                      ("llm", "vision_tower", "mm_projector")}
             self.llm.save_pretrained(tmp / "llm", state_dict=parts["llm"])
             if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp / "llm")
+                # Chat template inside tokenizer_config.json, where the official code (transformers 4.46) reads it.
+                self.tokenizer.save_pretrained(tmp / "llm", save_jinja_files=False)
             self.vision_tower.save_pretrained(tmp / "vision_tower", state_dict=parts["vision_tower"])
             tiling = self.config.tiling()
             (tmp / "vision_tower" / "preprocessor_config.json").write_text(json.dumps({

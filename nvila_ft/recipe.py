@@ -223,7 +223,21 @@ class DataConfig(_Section):
     question_column: str = Field(
         "question", description="hf format: column holding the question (user turn)."
     )
-    answer_column: str = Field("answer", description="hf format: column holding the answer (the target).")
+    answer_column: str = Field(
+        "answer",
+        description="hf format: column holding the answer (the target). A class-label column gives the class "
+        "name; a list of answers (DocVQA, ChartQA) trains on the first and scores against all of them.",
+    )
+    subset: str | None = Field(
+        None, description="hf format: the dataset's configuration (subset) on the Hub, e.g. DocVQA for "
+        "lmms-lab/DocVQA; null = its default."
+    )
+    question_template: str | None = Field(
+        None,
+        description="hf format: the question of every row, for data without a question column (an image "
+        "folder with one sub-folder per class); {choices} becomes the comma-separated class names. null = "
+        "read data.question_column.",
+    )
     system_prompt: str | None = Field(
         None, description="System message of every sample; null = the chat template's default."
     )
@@ -387,6 +401,20 @@ class EvalConfig(_Section):
     max_samples: int | None = Field(
         None, ge=1, description="Score only the first N eval samples by generation; null = all of them."
     )
+    metric: str = Field(
+        "vqa_rad",
+        description="How generated answers are scored (nvila_ft.metrics): vqa_rad (closed/open accuracy, "
+        "medical VQA), anls (document VQA), relaxed_accuracy (charts: numbers within 5%), exact_match.",
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        from .metrics import METRICS
+
+        if value not in METRICS:
+            raise ValueError(f"eval.metric must be one of {sorted(METRICS)} (got {value!r}).")
+        return value
 
 
 class Recipe(_Section):

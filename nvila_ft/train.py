@@ -29,7 +29,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
 from .data import VideoCheck, load_samples, preflight
-from .evaluate import evaluate_vqa
+from .evaluate import evaluate_samples
 from .modeling import DTYPES, NvilaForConditionalGeneration
 from .plan import MemoryBudgetError, check_budget
 from .processing import NvilaProcessor
@@ -72,7 +72,14 @@ def prepare_data(recipe: Recipe, processor: NvilaProcessor, split: str, max_samp
     d = recipe.data
     samples = load_samples(d.path, split, format=d.format, image_folder=d.image_folder, image_column=d.image_column,
                            question_column=d.question_column, answer_column=d.answer_column, max_samples=max_samples,
-                           video_column=d.video_column, video_folder=d.video_folder)
+                           video_column=d.video_column, video_folder=d.video_folder,
+                           subset=d.subset, question_template=d.question_template)
+    return check_samples(recipe, processor, samples, split)
+
+
+def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict], split: str) -> list[dict]:
+    """Preflight of loaded samples per the recipe (`data.preflight`, `data.on_bad_row`); returns the good ones."""
+    d = recipe.data
     if not d.preflight:
         return samples
 
@@ -224,13 +231,25 @@ def apply_video_settings(config, model_recipe) -> None:
 
 
 class TrainingRun:
-    """One fine-tuning run wired from a recipe (used by :func:`main` and the Python API)."""
+    """One fine-tuning run wired from a recipe (used by :func:`main` and the Python API).
 
-    def __init__(self, recipe: Recipe, force: bool = False):
+    Args:
+        recipe: the validated recipe.
+        train_samples, eval_samples: normalized samples (`conversations`, `images`, ...) to use instead of
+            loading `data.path` (Python API: a user's own dataset); they still go through preflight.
+        metric: scores the eval answers instead of `eval.metric`: a metric name or a callable
+            `(predictions, references) -> dict | float` (see :func:`nvila_ft.metrics.get_metric`).
+        force: train even if the memory plan predicts more than `train.gpu_memory_gb`.
+    """
+
+    def __init__(self, recipe: Recipe, train_samples: list[dict] | None = None,
+                 eval_samples: list[dict] | None = None, metric=None, force: bool = False):
         self.recipe = recipe
         self.force = force  # train even if the memory plan predicts more than train.gpu_memory_gb
         self.output_dir = Path(recipe.train.output_dir)
         self.trainer: NvilaTrainer | None = None
+        self.given_samples = (train_samples, eval_samples)
+        self.metric = metric if metric is not None else recipe.eval.metric
 
     # -- setup
     def bootstrap(self) -> None:
@@ -241,7 +260,7 @@ class TrainingRun:
 
             logger.info("building tiny %s checkpoint at %s (model.tiny_variant)", m.tiny_variant, m.path)
             build_tiny_checkpoint(m.path, variant=m.tiny_variant, seed=0)
-        if d.builtin == "quickstart" and not Path(d.path).exists():
+        if d.builtin == "quickstart" and not Path(d.path).exists() and self.given_samples[0] is None:
             from .quickstart_data import build_quickstart_dataset
 
             logger.info("building the quickstart medical set at %s (data.builtin)", d.path)
@@ -299,12 +318,18 @@ class TrainingRun:
 
     def load_data(self) -> None:
         d = self.recipe.data
-        self.train_samples = prepare_data(self.recipe, self.processor, d.train_split, d.max_train_samples)
+        given_train, given_eval = self.given_samples
+        limit = self.recipe.eval.max_samples or d.max_eval_samples
+        if given_train is not None:
+            self.train_samples = check_samples(self.recipe, self.processor, given_train[: d.max_train_samples], "train")
+        else:
+            self.train_samples = prepare_data(self.recipe, self.processor, d.train_split, d.max_train_samples)
         if not self.train_samples:
             raise RuntimeError(f"{d.path}: no usable training rows in split {d.train_split!r}")
         self.eval_samples = []
-        if self.recipe.eval.enabled and d.eval_split:
-            limit = self.recipe.eval.max_samples or d.max_eval_samples
+        if given_eval is not None:
+            self.eval_samples = check_samples(self.recipe, self.processor, given_eval[:limit], "eval")
+        elif self.recipe.eval.enabled and d.eval_split and given_train is None:
             self.eval_samples = prepare_data(self.recipe, self.processor, d.eval_split, limit)
 
     def build_trainer(self) -> NvilaTrainer:
@@ -353,7 +378,8 @@ class TrainingRun:
         e = self.recipe.eval
         if not self.eval_samples:
             return {}
-        metrics, rows = evaluate_vqa(self.model, self.processor, self.eval_samples, e.max_new_tokens, e.batch_size)
+        metrics, rows = evaluate_samples(self.model, self.processor, self.eval_samples, self.metric,
+                                         e.max_new_tokens, e.batch_size)
         if self.trainer is None or self.trainer.args.should_save:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / f"predictions_{tag}.jsonl", "w") as f:
@@ -386,7 +412,18 @@ class TrainingRun:
             tmp.write_text(json.dumps(metrics, indent=2))
             os.replace(tmp, self.output_dir / "metrics.json")
             print(json.dumps(metrics, indent=2), flush=True)
+            self.write_model_card()
         return metrics
+
+    def write_model_card(self) -> Path:
+        """`README.md` in the run folder (after PEFT's own adapter card, which it replaces)."""
+        from .model_card import write_model_card
+
+        data = "in-memory samples (Python API)" if self.given_samples[0] is not None else None
+        metric = self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "custom")
+        return write_model_card(self.output_dir, train_samples=len(self.train_samples),
+                                eval_samples=len(self.eval_samples), data_source=data, metric=metric,
+                                steps=self.trainer.state.global_step if self.trainer else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,156 @@
+"""Merge a fine-tuned run into a full NVILA checkpoint (official hub layout), LoRA folded into the weights.
+
+    python -m nvila_ft.merge runs/medical runs/medical-merged --dtype bf16
+
+The result is `config.json` + `llm/` (weights, tokenizer with NVILA's media tokens, chat template) +
+`vision_tower/` (+ `preprocessor_config.json`) + `mm_projector/`, the layout of `Efficient-Large-Model/NVILA-8B`:
+it loads with `nvila_ft.load_model(OUT_DIR)` / `NvilaForConditionalGeneration.from_pretrained` and no adapter.
+
+QLoRA runs (`tune.llm: qlora`) were trained on 4-bit nf4 LLM weights; a checkpoint is never written in 4 bit.
+By default (`--qlora-base dequantized`) the LoRA update is added to the nf4 weights dequantized to `--dtype`:
+the merged model then computes what the trained and evaluated model computed (its logits match the adapter
+model's), but its LLM weights are not the original bf16 ones (they carry the nf4 rounding, about 1e-2 relative).
+`--qlora-base original` adds the update to the original unquantized weights instead: the base weights are exact,
+but the adapter was learned against the rounded ones, so the merged model differs from the evaluated one;
+re-evaluate it. The choice is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .modeling import DTYPES
+
+logger = logging.getLogger("nvila_ft.merge")
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", **{v: v for v in DTYPES}}
+QLORA_BASES = ("dequantized", "original")
+
+
+class MergeError(ValueError):
+    """A merge that cannot be done as asked; the message says why and what to do."""
+
+
+def _check_paths(run_dir: Path, out_dir: Path, checkpoint: str) -> None:
+    out = out_dir.resolve()
+    for name, other in (("run folder", run_dir.resolve()), ("base checkpoint", Path(checkpoint).resolve())):
+        if out == other or out in other.parents or other in out.parents:
+            raise MergeError(f"output {out_dir} overlaps the {name} {other}: the merge replaces the output folder "
+                             "as a whole; choose a separate folder, e.g. RUN_DIR-merged")
+
+
+def merge(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "bfloat16",
+    base: str | os.PathLike | None = None,
+    device: str = "cpu",
+    qlora_base: str = "dequantized",
+) -> Path:
+    """Folds a run's LoRA adapter into its base model, loads its non-LoRA trainables and saves the result.
+
+    Args:
+        run_dir: a run folder (or `checkpoint-<step>`) from `nvila_ft.train`.
+        out_dir: the new checkpoint folder (written atomically; replaced if it exists; must not overlap the run
+            or the base).
+        dtype: "bf16" | "fp16" | "fp32" (or the torch names): dtype of the merge and of the saved weights.
+        base: the base checkpoint, when the one recorded in the run is not found from here.
+        device: where the merge runs ("cpu" needs RAM for the whole model in `dtype`; "cuda" is faster).
+        qlora_base: for `tune.llm: qlora` runs, "dequantized" (merge into the dequantized nf4 weights: same
+            outputs as the trained model) or "original" (merge into the original weights); see the module doc.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        MergeError: not a run folder, an unknown dtype / qlora_base, or overlapping folders.
+        RunError: the run's base checkpoint cannot be found (pass `base`).
+    """
+    from peft import PeftModel
+
+    from .inference import PROCESSOR_CONFIG, attach_run, base_checkpoint, is_run, load_model, run_recipe
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not is_run(run_dir):
+        raise MergeError(f"{run_dir}: not a run folder (no adapter_config.json or non_lora_trainables.safetensors); "
+                         "a plain checkpoint has nothing to merge")
+    if dtype not in DTYPE_NAMES:
+        raise MergeError(f"dtype {dtype!r}: choose one of bf16, fp16, fp32")
+    if qlora_base not in QLORA_BASES:
+        raise MergeError(f"qlora_base {qlora_base!r}: choose one of {QLORA_BASES}")
+    torch_dtype = DTYPES[DTYPE_NAMES[dtype]]
+    checkpoint = str(base) if base is not None else base_checkpoint(run_dir)
+    if Path(checkpoint).exists():
+        _check_paths(run_dir, out_dir, checkpoint)
+    recipe = run_recipe(run_dir)
+
+    quantized = recipe.tune.llm == "qlora" and qlora_base == "dequantized"
+    model, _ = load_model(checkpoint, dtype=torch_dtype, device=device, quantize=quantized)
+    if recipe.tune.llm == "qlora":
+        if quantized:
+            model.llm.dequantize()  # transformers: bitsandbytes Linear4bit -> nn.Linear in the compute dtype
+            note = ("QLoRA run: merging into the base's nf4 weights dequantized to {dtype} (what the run trained and "
+                    "was evaluated with; they differ from the original weights by the 4-bit rounding). For the "
+                    "original weights instead: --qlora-base original (then re-evaluate).")
+        else:
+            note = ("QLoRA run: merging into the original unquantized base weights; the adapter was trained against "
+                    "their nf4 rounding, so outputs differ from the evaluated model: re-evaluate the merged one.")
+        logger.warning(note.format(dtype=torch_dtype))
+    model = attach_run(model, run_dir)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    model.to(torch_dtype)
+
+    # The run's image settings become the checkpoint's, so the merged model is fed as it was trained.
+    settings_path = run_dir / PROCESSOR_CONFIG
+    if not settings_path.is_file():
+        settings_path = run_dir.parent / PROCESSOR_CONFIG
+    if settings_path.is_file():
+        settings = json.loads(settings_path.read_text())
+        for key in ("image_aspect_ratio", "max_tiles"):
+            if settings.get(key) is not None:
+                setattr(model.config, key, settings[key])
+    model.config.model_dtype = f"torch.{DTYPE_NAMES[dtype]}"
+    model.save_pretrained(out_dir)
+    logger.info("merged %s into %s -> %s (%s)", run_dir, checkpoint, out_dir, torch_dtype)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nvila_ft.merge", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example:\n  python -m nvila_ft.merge runs/medical runs/medical-merged --dtype bf16\n"
+        "  python -m nvila_ft.predict runs/medical-merged --data DATA --out preds.jsonl   # use it")
+    parser.add_argument("run_dir", help="run folder from nvila_ft.train (or one of its checkpoint-<step>)")
+    parser.add_argument("out_dir", help="new checkpoint folder (official NVILA layout)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                        help="weights dtype of the merge and the output (default %(default)s)")
+    parser.add_argument("--base", help="base checkpoint, when the one recorded in the run is not found from here")
+    parser.add_argument("--device", default="cpu", help="where to merge: cpu (default) or cuda")
+    parser.add_argument("--qlora-base", default="dequantized", choices=QLORA_BASES,
+                        help="QLoRA runs: merge into the dequantized nf4 weights (default: same outputs as the "
+                        "trained model) or the original weights")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .inference import RunError
+
+    try:
+        out = merge(args.run_dir, args.out_dir, dtype=args.dtype, base=args.base, device=args.device,
+                    qlora_base=args.qlora_base)
+    except (MergeError, RunError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (config.json, llm/, vision_tower/, mm_projector/); load it with "
+          f"nvila_ft.load_model({str(out)!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""A run folder's `README.md` (model card): base model, recipe summary, data, metrics, and how to use it.
+
+    python -c "from nvila_ft.model_card import write_model_card; write_model_card('runs/medical')"
+
+Written by `nvila_ft.train` at the end of a run from the files the run saved (`recipe.yaml`,
+`run_info.json`, `metrics.json`), so it can be regenerated for an older run the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .recipe import load_recipe
+
+CARD = "README.md"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def _metrics_table(metrics: dict) -> list[str]:
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) or v is None]
+    if not rows:
+        return ["(no evaluation)"]
+    return ["| metric | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows]]
+
+
+def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None = None,
+                      eval_samples: int | None = None, data_source: str | None = None,
+                      metric: str | None = None, steps: int | None = None) -> str:
+    """The model card text of a run folder (see :func:`write_model_card`).
+
+    Args:
+        run_dir: the run folder (reads `recipe.yaml`, `run_info.json`, `metrics.json` there).
+        train_samples, eval_samples: sample counts used (after preflight).
+        data_source: describes data that did not come from `data.path` (Python API samples).
+        metric: the eval metric's name when it is not the recipe's `eval.metric`.
+        steps: optimizer steps run; default the recipe's `max_steps`.
+
+    Raises:
+        RecipeError: the run has no readable `recipe.yaml`.
+    """
+    folder = Path(run_dir)
+    recipe = load_recipe(folder / "recipe.yaml")
+    info = json.loads((folder / "run_info.json").read_text()) if (folder / "run_info.json").is_file() else {}
+    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+    m, tune, lora, d, t, e = recipe.model, recipe.tune, recipe.lora, recipe.data, recipe.train, recipe.eval
+    lrs = t.lr_per_part
+    local = info.get("base_model_path")
+    base = f"`{m.path}`" + (f" (local folder `{local}`)" if local and Path(local) != Path(m.path) else "")
+
+    def part(name: str, mode: str) -> str:
+        detail = ""
+        if mode in ("lora", "qlora"):
+            target = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+            detail = (f"LoRA r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}, {target}"
+                      + (", DoRA" if lora.use_dora else "") + ("; 4-bit nf4 base" if mode == "qlora" else ""))
+        return f"| `{name}` | {mode} | {detail} | {'-' if mode == 'frozen' else f'{lrs[name]:.2e}'} |"
+
+    steps = steps if steps is not None else (t.max_steps if t.max_steps > 0 else None)
+    counts = f"{train_samples} train" if train_samples is not None else ""
+    if eval_samples:
+        counts += f", {eval_samples} eval"
+    eval_metrics = metrics.get("eval", {})
+    run = folder.resolve()
+    lines = [
+        f"# {folder.resolve().name}",
+        "",
+        f"NVILA fine-tuned with nvila-ft from {base}.",
+        "",
+        "## Training",
+        "",
+        "| part | tuning | adapter | learning rate |",
+        "|---|---|---|---|",
+        part("llm", tune.llm),
+        part("vision_tower", tune.vision_tower),
+        part("mm_projector", tune.mm_projector),
+        "",
+        f"Optimizer steps: {_fmt(steps)} (epochs {t.num_train_epochs}, max_steps {t.max_steps}); batch "
+        f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation per device; "
+        f"{t.lr_scheduler_type} schedule, warmup {t.warmup_ratio}; seed {t.seed}; weights {m.dtype}; image "
+        f"tiling {m.image_aspect_ratio or 'from the checkpoint'}"
+        + (f", max {m.max_tiles} tiles" if m.max_tiles else "") + ".",
+        f"Final training loss: {_fmt(metrics.get('train', {}).get('train_loss'))}.",
+        "",
+        "## Data",
+        "",
+        f"- Source: {data_source or f'`{d.path}` (format {d.format})'}",
+        f"- Splits: train `{d.train_split}`, eval `{d.eval_split}`" + (f"; samples used: {counts}" if counts else ""),
+        f"- Bad rows: {d.on_bad_row}; max length {d.max_length} tokens",
+        "",
+        f"## Evaluation ({metric or e.metric}, greedy, max {e.max_new_tokens} new tokens)",
+        "",
+        *_metrics_table(eval_metrics),
+        "",
+        "## Use it",
+        "",
+        "```python",
+        "from nvila_ft import generate, load_model",
+        "",
+        f'model, processor = load_model("{run}")',
+        'print(generate(model, processor, "image.png", "What is shown?"))',
+        "```",
+        "",
+        "```bash",
+        "# batch inference (DATA: a llava json/jsonl, a VQA-RAD folder or a Hugging Face dataset)",
+        f"python -m nvila_ft.predict {run} --data DATA --out predictions.jsonl",
+        "# a full checkpoint in the official NVILA layout, LoRA folded into the LLM",
+        f"python -m nvila_ft.merge {run} {run}-merged",
+        "```",
+        "",
+        "## Files",
+        "",
+        "`adapter_config.json` + `adapter_model.safetensors` (PEFT LoRA), `non_lora_trainables.safetensors` "
+        "(projector, vision LayerNorms, parts trained in full), `processor_config.json` and tokenizer files, "
+        "`recipe.yaml` (the full resolved recipe: `python -m nvila_ft.train recipe.yaml` reruns it), "
+        "`run_info.json` (package versions, git commit), `metrics.json`, `predictions_final.jsonl`.",
+        "",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in info.get('versions', {}).items() if v)}; "
+        f"git commit {info.get('git_commit') or 'unknown'}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(run_dir: str | os.PathLike, **kwargs) -> Path:
+    """Writes `README.md` into a run folder atomically (temp file, then rename); keyword arguments as for
+    :func:`render_model_card`. Returns its path."""
+    path = Path(run_dir) / CARD
+    tmp = path.with_name(CARD + ".tmp")
+    tmp.write_text(render_model_card(run_dir, **kwargs), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,226 @@
+"""Batch inference: answer every question of a dataset with a checkpoint or a fine-tuned run, resumably.
+
+    python -m nvila_ft.predict runs/medical --data ../shared/data/vqa_rad --split test --out predictions.jsonl
+    python -m nvila_ft.predict runs/medical --out predictions.jsonl --metric vqa_rad   # the run's eval split
+
+Data is read with the training loaders (`nvila_ft.data.load_samples`: LLaVA JSON/JSONL, VQA-RAD folder, Hugging
+Face dataset); for a run, the data settings default to its recipe's. Each output line is
+`{"id", "index", "question", "prediction"}` plus `reference` (and `references`, `answer_type`) when the data has
+answers. Lines are flushed after every batch; a restart with the same `--out` skips the rows already written.
+A row that cannot be used (missing image, too long) is reported and skipped, never fatal (`--on-bad-row error`
+to stop instead); it is retried on the next restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .data import DataError
+from .evaluate import generate_answers, prompt_turns, references_of
+
+logger = logging.getLogger("nvila_ft.predict")
+
+
+def _keys(samples: Sequence[dict]) -> list[str]:
+    """Resume keys: the sample ids, or `id#index` when ids repeat (LLaVA files may reuse ids)."""
+    ids = [str(s.get("id")) for s in samples]
+    if len(set(ids)) == len(ids):
+        return ids
+    logger.warning("sample ids repeat; resuming by id#index")
+    return [f"{i}#{s.get('index')}" for i, s in zip(ids, samples)]
+
+
+def read_done(out: str | os.PathLike) -> list[dict]:
+    """The complete rows of an output file. A last line cut off by a kill is dropped from the file (atomically),
+    so that appending continues on a clean line.
+
+    Raises:
+        ValueError: a line other than the last is not JSON (the file is not a predictions file).
+    """
+    path = Path(out)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise ValueError(f"{path}:{number} is not a JSON line; is --out a predictions file?") from None
+            logger.warning("%s: dropping its cut-off last line", path)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(lines[:-1]), encoding="utf-8")
+            os.replace(tmp, path)
+        else:
+            if line.endswith("\n") is False:  # complete JSON without newline: finish the line
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write("\n")
+    return rows
+
+
+def predict(
+    model,
+    processor,
+    samples: Sequence[dict],
+    out: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    on_bad_row: str = "skip",
+    progress: bool = True,
+) -> dict:
+    """Answers `samples` into the JSONL file `out`, skipping rows already there (resume).
+
+    Args:
+        model, processor: from :func:`nvila_ft.load_model`.
+        samples: normalized samples (`nvila_ft.data.load_samples`); a final gpt turn is the reference.
+        out: output `.jsonl`; created or appended to.
+        batch_size: prompts per `generate` call.
+        max_new_tokens: generation budget per answer (tokens).
+        on_bad_row: "skip" reports unusable rows and goes on; "error" stops at the first.
+
+    Returns:
+        {"written": rows written now, "skipped_done": rows found in `out`, "bad": [(id, reason), ...]}.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {str(row.get("key", row.get("id"))) for row in read_done(out)}
+    keys = _keys(samples)
+    todo = [(k, s) for k, s in zip(keys, samples) if k not in done]
+    bad: list[tuple[str, str]] = []
+    written = 0
+    bar = tqdm(total=len(todo), desc="predict", unit="row", disable=not progress)
+    with open(out, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            usable = []
+            for key, s in chunk:
+                if s.get("error"):  # a row the loader could not read
+                    bad.append((key, s["error"]))
+                    logger.error("skipping %s[%s] id=%s: %s", s.get("source"), s.get("index"), s.get("id"), s["error"])
+                    if on_bad_row == "error":
+                        raise DataError(f"{s.get('source')}[{s.get('index')}] id={s.get('id')}: {s['error']}")
+                else:
+                    usable.append((key, s))
+            answers = generate_answers(model, processor, [s for _, s in usable], max_new_tokens,
+                                       batch_size=len(usable) or 1, progress=False, on_bad_row=on_bad_row)
+            for (key, s), answer in zip(usable, answers):
+                if answer is None:
+                    bad.append((key, "could not be encoded (see the log)"))
+                    continue
+                row = {"id": s.get("id"), "index": s.get("index"), "question": prompt_turns(s)[-1]["value"],
+                       "prediction": answer}
+                if key != str(s.get("id")):
+                    row["key"] = key
+                references = references_of(s)
+                if references is not None:
+                    row["reference"] = references[0]
+                    if len(references) > 1:
+                        row["references"] = references
+                    if s.get("answer_type"):
+                        row["answer_type"] = s["answer_type"]
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                written += 1
+            f.flush()
+            bar.update(len(chunk))
+    bar.close()
+    return {"written": written, "skipped_done": len(keys) - len(todo), "bad": bad}
+
+
+def score_file(out: str | os.PathLike, metric: str | Callable) -> dict:
+    """Scores every row of a predictions file that has a reference, with a metric name or callable."""
+    from .metrics import compute_metric
+
+    rows = [r for r in read_done(out) if "reference" in r]
+    if not rows:
+        raise ValueError(f"{out}: no row has a reference to score against")
+    references = [r.get("references") or r["reference"] for r in rows]
+    return compute_metric(metric, [r["prediction"] for r in rows], references, [r.get("answer_type") for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .metrics import METRICS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m nvila_ft.predict", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n"
+        "  python -m nvila_ft.predict runs/medical --data ../shared/data/vqa_rad --split test --out preds.jsonl\n"
+        "  python -m nvila_ft.predict Efficient-Large-Model/NVILA-Lite-2B --data my.jsonl --out preds.jsonl\n"
+        "Rerun the same command after an interruption: rows already in --out are skipped.")
+    parser.add_argument("model", help="a run folder (or its checkpoint-<step>) or an NVILA checkpoint (folder or hub id)")
+    parser.add_argument("--data", help="dataset: LLaVA .json/.jsonl or folder, VQA-RAD folder, HF dataset id or "
+                        "folder; default the run's data.path")
+    parser.add_argument("--split", help="split to answer; default the run's eval split, else test")
+    parser.add_argument("--out", default="predictions.jsonl", help="output JSONL (appended to; default %(default)s)")
+    parser.add_argument("--format", choices=["auto", "llava", "hf", "vqa_rad"], help="data format (default auto)")
+    parser.add_argument("--image-column", help="hf: image column")
+    parser.add_argument("--question-column", help="hf: question column")
+    parser.add_argument("--answer-column", help="hf: answer column (used as reference)")
+    parser.add_argument("--question-template", help="hf: one question for every row ({choices} = class names)")
+    parser.add_argument("--subset", help="hf: the dataset's configuration name")
+    parser.add_argument("--max-samples", type=int, help="answer only the first N rows")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default %(default)s)")
+    parser.add_argument("--metric", choices=sorted(METRICS), help="score the rows that have references")
+    parser.add_argument("--on-bad-row", choices=["skip", "error"], default="skip",
+                        help="skip (report, go on; default) or error (stop) on an unusable row")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the run's, else "
+                        "bfloat16 on a GPU and float32 on a CPU")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu; default cuda when available")
+    parser.add_argument("--base", help="base checkpoint of a run, when the recorded one is not found from here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+    from .data import load_samples
+    from .inference import is_run, load_model, run_recipe
+
+    d = run_recipe(args.model).data if is_run(args.model) else None
+    path = args.data or (d.path if d else None)
+    if path is None:
+        parser.error("--data is required for a checkpoint (a run defaults to its recipe's data.path)")
+
+    def pick(value, key, default):
+        return value if value is not None else (getattr(d, key) if d and args.data in (None, d.path) else default)
+
+    split = args.split or (d.eval_split if d and d.eval_split else "test")
+    try:
+        samples = load_samples(
+            path, split, format=pick(args.format, "format", "auto"),
+            image_column=pick(args.image_column, "image_column", "image"),
+            question_column=pick(args.question_column, "question_column", "question"),
+            answer_column=pick(args.answer_column, "answer_column", "answer"),
+            question_template=pick(args.question_template, "question_template", None),
+            subset=pick(args.subset, "subset", None), max_samples=args.max_samples)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    model, processor = load_model(args.model, base=args.base, dtype=args.dtype, device=args.device)
+    result = predict(model, processor, samples, args.out, batch_size=args.batch_size,
+                     max_new_tokens=args.max_new_tokens, on_bad_row=args.on_bad_row)
+    print(f"{args.out}: {result['written']} rows written, {result['skipped_done']} already there, "
+          f"{len(result['bad'])} bad rows skipped" + ("" if not result["bad"] else " (rerun to retry them)"))
+    for key, reason in result["bad"][:20]:
+        print(f"  bad row id={key}: {reason}")
+    if args.metric:
+        metrics = score_file(args.out, args.metric)
+        path = Path(args.out).with_suffix(".metrics.json")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, path)
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
