@@ -20,7 +20,8 @@ from nvila_ft.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 CHECKPOINTS = {"Efficient-Large-Model/NVILA-8B", "Efficient-Large-Model/NVILA-Lite-2B",
-               "Efficient-Large-Model/NVILA-Lite-8B", "Efficient-Large-Model/NVILA-15B"}
+               "Efficient-Large-Model/NVILA-Lite-8B", "Efficient-Large-Model/NVILA-15B",
+               "Efficient-Large-Model/NVILA-8B-Video"}
 
 
 def header(path: Path) -> str:
