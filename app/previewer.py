@@ -34,17 +34,16 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from nvila_ft.inference import (
     AdapterBank,
     RunError,
     base_checkpoint,
-    generate,
     is_run,
     load_model,
     load_processor,
     run_recipe,
+    stream_generate,
 )
 from nvila_ft.processing import NvilaProcessor
 from nvila_ft.recipe import Recipe
@@ -118,13 +117,11 @@ def check_upload(path: str | os.PathLike, max_upload_mb: float) -> str:
     return "image"
 
 
-def load_media(path: str | os.PathLike, kind: str, num_frames: int = 8) -> list[Image.Image]:
-    """The images a model gets for an upload: the RGB image, or `num_frames` sampled video frames."""
+def load_media(path: str | os.PathLike, kind: str) -> list:
+    """What a model gets for an upload: [RGB image], or [video path] (each model's processor samples the
+    frames with its own `num_video_frames` / `video_fps` and pools them with its `temporal_pool`)."""
     if kind == "video":
-        # The one place video enters the app: frames sampled as NVILA does (config num_video_frames).
-        from nvila_ft.video import load_video
-
-        return load_video(os.fspath(path), num_frames=num_frames)
+        return [os.fspath(path)]
     with Image.open(path) as im:
         return [im.convert("RGB")]
 
@@ -179,15 +176,23 @@ def tile_captions(processor: NvilaProcessor, kind: str, n_tiles: int, block_size
     return [f"{tiling.tile_size} px resize"] * n_tiles
 
 
-def tile_preview(processor: NvilaProcessor, media: list[Image.Image], kind: str = "image") -> TilePreview:
-    """Tiles (or frames) of `media` as the processor cuts them, with the visual token count."""
+def tile_preview(processor: NvilaProcessor, media: list, kind: str = "image") -> TilePreview:
+    """Tiles (or sampled frames) of `media` as the processor cuts them, with the visual token count.
+
+    `media`: images (PIL or paths), or for `kind="video"` one video (path, frames folder or list of PIL frames).
+    """
+    if kind == "video":
+        layout = processor.layout_media([], videos=media[:1])
+        tiles = denormalize(layout.pixel_values_videos, processor.tiling.image_mean, processor.tiling.image_std)
+        pools = " x ".join(str(list(p)) for p in processor.pool_sizes) or "none"
+        summary = (f"{len(tiles)} frames, one {processor.tiling.tile_size} px resize each, temporal pool {pools} "
+                   f"-> {sum(layout.video_tokens):,} visual tokens")
+        return TilePreview(tiles, tile_captions(processor, kind, len(tiles), []), sum(layout.video_tokens), [], summary)
     layout = processor.layout_media(media)
     tiles = denormalize(layout.pixel_values, processor.tiling.image_mean, processor.tiling.image_std)
     tokens = sum(layout.media_tokens)
     mode = processor.tiling.image_aspect_ratio
-    if kind == "video":
-        how = f"{len(tiles)} frames, one {processor.tiling.tile_size} px resize each"
-    elif mode == "dynamic_s2" and layout.block_sizes and layout.block_sizes[0]:
+    if mode == "dynamic_s2" and layout.block_sizes and layout.block_sizes[0]:
         rows, cols = layout.block_sizes[0]
         scales = "/".join(str(s) for s in processor.tiling.s2_scales)
         how = f"{len(tiles)} tiles (dynamic_s2, scales {scales} px, last scale {rows} rows x {cols} cols)"
@@ -396,11 +401,7 @@ class Previewer:
         """
         kind = check_upload(media_path, self.max_upload_mb)
         processor = self.processor(base, run)
-        return tile_preview(processor, load_media(media_path, kind, self._num_frames(base)), kind)
-
-    def _num_frames(self, base: str) -> int:
-        loaded = self._loaded.get(base)
-        return getattr(loaded.processor.config, "num_video_frames", 8) if loaded else 8
+        return tile_preview(processor, load_media(media_path, kind), kind)
 
     def answer(
         self,
@@ -426,10 +427,10 @@ class Previewer:
             raise ValueError("type a question first")
         if len(runs) > MAX_COMPARED_RUNS:
             raise ValueError(f"compare at most {MAX_COMPARED_RUNS} runs at once (got {len(runs)})")
-        media: list[Image.Image] = []
+        media: list = []
         if media_path is not None:
             kind = check_upload(media_path, self.max_upload_mb)
-            media = load_media(media_path, kind, self._num_frames(base))
+            media = load_media(media_path, kind)
         settings = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p)}
         answers: dict[str, str] = {}
         with self._lock:
@@ -552,16 +553,6 @@ def _read_json(path: Path) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------- streaming
-class _Cancelled(StoppingCriteria):
-    """Ends generation once `event` is set."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 def stream_answer(
     model: torch.nn.Module,
     processor: NvilaProcessor,
@@ -571,33 +562,7 @@ def stream_answer(
     temperature: float = 0.0,
     top_p: float = 1.0,
 ) -> Iterator[str]:
-    """Yields the answer as it grows (the stripped text so far), like `nvila_ft.inference.stream_generate`.
-
-    Unlike it, generation is stopped and its thread joined when the caller stops iterating (a closed
-    page): the model is free again when this generator is closed, so the next request never overlaps
-    with an abandoned one.
-    """
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600)
-    cancel = threading.Event()
-    errors: list[BaseException] = []
-
-    def work():
-        try:
-            generate(model, processor, media, question, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_p=top_p, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
-        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
-            errors.append(err)
-            streamer.end()
-
-    thread = threading.Thread(target=work, daemon=True, name="nvila-ft-app-generate")
-    thread.start()
-    text = ""
-    try:
-        for piece in streamer:
-            text += piece
-            yield text.strip()
-    finally:
-        cancel.set()
-        thread.join()
-    if errors:
-        raise errors[0]
+    """Yields the answer as it grows (:func:`nvila_ft.inference.stream_generate`): closing this generator (a
+    closed page) stops generation and joins its thread, so the next request never overlaps an abandoned one."""
+    yield from stream_generate(model, processor, media, question, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p)

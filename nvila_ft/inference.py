@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria
 
 from .modeling import DTYPES, NvilaForConditionalGeneration
 from .processing import NvilaProcessor
@@ -90,13 +91,17 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 def load_processor(model: NvilaForConditionalGeneration, folder: str | os.PathLike | None = None,
                    **overrides: Any) -> NvilaProcessor:
-    """Processor for `model`, with the tiling, `max_length` and system prompt saved in `folder/processor_config.json`
-    (a run folder) when present; keyword arguments override them."""
+    """Processor for `model`, with the tiling, `max_length`, system prompt and video sampling/pooling saved in
+    `folder/processor_config.json` (a run folder) when present; keyword arguments override them."""
     settings: dict[str, Any] = {}
     path = Path(folder) / PROCESSOR_CONFIG if folder is not None else None
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
-        settings = {k: saved[k] for k in ("image_aspect_ratio", "max_tiles", "max_length", "system_prompt") if k in saved}
+        keys = ("image_aspect_ratio", "max_tiles", "max_length", "system_prompt", "num_video_frames", "video_fps",
+                "temporal_pool")
+        settings = {k: saved[k] for k in keys if k in saved}
+        if settings.get("temporal_pool") == []:  # saved as the list of pools; [] = no pooling
+            settings["temporal_pool"] = [1, 1, 1]
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return NvilaProcessor(model.tokenizer, model.config, **settings)
 
@@ -259,28 +264,56 @@ class AdapterBank:
 
 
 # ------------------------------------------------------------------------------------------ generation
-def _media_list(media) -> list:
+def split_media(media) -> tuple[list, list]:
+    """(images, videos) of `media`: None, one item or a list of items.
+
+    An item is a video when it is bytes, a path that :func:`nvila_ft.video.is_video` recognises (a video file
+    extension or a folder of frame images), or a list of PIL frames inside the list; everything else (a PIL
+    image, an image path) is an image. Images come before videos in the prompt, as in training.
+    """
     if media is None:
-        return []
-    if isinstance(media, (str, os.PathLike, Image.Image)):
-        return [media]
-    return list(media)
+        return [], []
+    items = [media] if isinstance(media, (str, os.PathLike, bytes, bytearray, Image.Image)) else list(media)
+    images, videos = [], []
+    for item in items:
+        if isinstance(item, (bytes, bytearray)) or (isinstance(item, (list, tuple)) and item):
+            videos.append(item)
+        elif isinstance(item, (str, os.PathLike)) and _is_video_path(item):
+            videos.append(os.fspath(item))
+        else:
+            images.append(item)
+    return images, videos
+
+
+def _is_video_path(path: str | os.PathLike) -> bool:
+    try:
+        from .video import is_video
+    except ImportError:  # decord (the `video` extra) missing: only images
+        return False
+    return is_video(path)
 
 
 def prepare_inputs(processor: NvilaProcessor, media, question: str, history: Sequence[dict] = ()) -> dict:
-    """Encodes a question (after optional earlier turns) about images as a generation prompt, batched (B=1).
+    """Encodes a question (after optional earlier turns) about images and videos as a generation prompt (B=1).
 
     Args:
-        media: None, an image (path or PIL), or a list of images.
-        question: the user's question (no `<image>` placeholder needed: media go first, as in training).
+        media: None, an image (path or PIL), a video (path, bytes or frames folder), or a list of them
+            (see :func:`split_media`). Videos are sampled and pooled per the processor
+            (`num_video_frames`, `video_fps`, `temporal_pool`: the run's or the checkpoint config's).
+        question: the user's question (no placeholder needed: media go first, as in training).
         history: earlier LLaVA turns [{"from": "human"|"gpt", "value": ...}].
 
     Returns:
-        The collated batch (`input_ids`, `attention_mask`, `pixel_values`, `block_sizes`) plus `num_tokens`.
+        The collated batch (`input_ids`, `attention_mask`, `pixel_values`, `block_sizes`, and for videos
+        `pixel_values_videos`, `video_frames`, `pool_sizes`) plus `num_tokens`.
+
+    Raises:
+        SampleTooLongError: the prompt with its visual tokens exceeds the processor's `max_length`.
+        nvila_ft.video.VideoError: a video cannot be read.
     """
-    images = _media_list(media)
+    images, videos = split_media(media)
     turns = [*history, {"from": "human", "value": question}]
-    encoded = processor(turns, images, add_generation_prompt=True)
+    encoded = processor(turns, images, add_generation_prompt=True, videos=videos)
     batch = processor.collate([encoded], padding_side="left")
     batch["num_tokens"] = encoded["num_tokens"]
     return batch
@@ -318,7 +351,8 @@ def generate(
     Args:
         model: from :func:`load_model` (a PeftModel or an NvilaForConditionalGeneration).
         processor: the matching :class:`NvilaProcessor`.
-        media: None, an image path / PIL image, or a list of them.
+        media: None, an image path / PIL image, a video path / bytes / frames folder, or a list of them
+            (see :func:`split_media`).
         question: the user's question.
         history: earlier conversation turns, LLaVA style.
         max_new_tokens: generation budget (tokens).
@@ -336,6 +370,16 @@ def generate(
     return processor.decode(out[0])
 
 
+class _Cancelled(StoppingCriteria):
+    """Ends generation once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def stream_generate(
     model: torch.nn.Module,
     processor: NvilaProcessor,
@@ -345,29 +389,36 @@ def stream_generate(
 ) -> Iterator[str]:
     """Like :func:`generate`, but yields the answer as it grows (the text so far, each time it changes).
 
-    Generation runs in a background thread feeding a `transformers.TextIteratorStreamer`.
+    Generation runs in a background thread feeding a `transformers.TextIteratorStreamer`. When the caller
+    stops iterating (closes the generator, e.g. a closed web page), generation is stopped and its thread
+    joined before `close()` returns, so the model is free for the next request.
     """
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600)
+    cancel = threading.Event()
+    stopping = StoppingCriteriaList([_Cancelled(cancel), *kwargs.pop("stopping_criteria", [])])
     errors: list[BaseException] = []
 
     def work():
         try:
-            generate(model, processor, media, question, streamer=streamer, **kwargs)
+            generate(model, processor, media, question, streamer=streamer, stopping_criteria=stopping, **kwargs)
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(err)
             streamer.end()
 
-    thread = threading.Thread(target=work, daemon=True)
+    thread = threading.Thread(target=work, daemon=True, name="nvila-ft-generate")
     thread.start()
     text, shown = "", None
-    for piece in streamer:
-        text += piece
-        if text.strip() != shown:  # pieces that decode to nothing (special tokens) add no update
-            shown = text.strip()
-            yield shown
-    thread.join()
+    try:
+        for piece in streamer:
+            text += piece
+            if text.strip() != shown:  # pieces that decode to nothing (special tokens) add no update
+                shown = text.strip()
+                yield shown
+    finally:
+        cancel.set()
+        thread.join()
     if shown is None and not errors:
         yield ""
     if errors:

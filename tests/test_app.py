@@ -188,9 +188,10 @@ def test_denormalize_inverts_normalize():
 def test_video_frames_preview(previewer):
     processor = previewer.processor(previewer.default_base())
     frames = [Image.new("RGB", (640, 360), (i * 40, 0, 0)) for i in range(4)]
-    preview = tile_preview(processor, frames, kind="video")
+    preview = tile_preview(processor, [frames], kind="video")
     assert preview.captions == ["frame 1", "frame 2", "frame 3", "frame 4"]
-    assert len(preview.tiles) == 4  # several images: one 448 px resize each, no tiling
+    assert len(preview.tiles) == 4  # one 448 px resize per frame, no tiling
+    assert preview.media_tokens == processor.count_video_tokens(4)  # <vila/video>: pooled frames + end tokens
 
 
 def test_uploads_are_checked(tmp_path, wide_image):
@@ -260,7 +261,7 @@ def test_stopping_a_stream_stops_its_generation(previewer, wide_image):
                                max_new_tokens=2000)
         next(stream)
         stream.close()  # what gradio does when the page is closed mid-answer
-        assert not any(t.name == "nvila-ft-app-generate" for t in threading.enumerate())
+        assert not any(t.name == "nvila-ft-generate" for t in threading.enumerate())
         stopped_at = len(steps)
         assert stopped_at < 200  # the tiny model does not stop by itself: it would run all 2000 steps
     finally:

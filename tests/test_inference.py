@@ -24,6 +24,8 @@ from nvila_ft.inference import (
     is_run,
     load_model,
     load_processor,
+    prepare_inputs,
+    split_media,
     stream_generate,
 )
 from nvila_ft.modeling import NvilaForConditionalGeneration
@@ -120,3 +122,38 @@ def test_generate_and_stream_generate_give_the_greedy_answer_of_evaluation(tiny_
 def test_load_processor_overrides_the_saved_settings(tiny_run):
     processor = load_processor(tiny_run.model.get_base_model(), tiny_run.output_dir, max_length=512)
     assert processor.max_length == 512 and processor.tiling.image_aspect_ratio == "resize"
+
+
+def test_split_media_tells_videos_from_images(tmp_path):
+    from PIL import Image
+
+    from nvila_ft.video_quickstart import clip_path
+
+    clip, image = clip_path("carphone_distorted"), Image.new("RGB", (8, 8))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        image.save(frames / f"frame_{i}.png")
+    assert split_media(None) == ([], [])
+    assert split_media(image) == ([image], [])
+    assert split_media(str(clip)) == ([], [str(clip)])
+    assert split_media([image, clip, frames, b"raw"]) == ([image], [str(clip), str(frames), b"raw"])
+    assert split_media([[image, image]]) == ([], [[image, image]])  # a list of PIL frames is one video
+
+
+def test_generate_answers_about_a_video_with_the_runs_frame_settings(tiny_assets):
+    from nvila_ft.video_quickstart import clip_path
+
+    model, _ = load_model(tiny_assets.model, dtype="float32", device="cpu")
+    processor = load_processor(model, None, num_video_frames=4, temporal_pool=[2, 1, 1])
+    question = "What happens in the video?"
+    clip = clip_path("carphone_distorted")
+
+    batch = prepare_inputs(processor, clip, question)
+    assert batch["video_frames"].tolist() == [4] and batch["pool_sizes"].tolist() == [[2, 1, 1]]
+    assert batch["num_tokens"] > processor.count_video_tokens(4)  # video tokens + the prompt's text
+
+    answer = generate(model, processor, clip, question, max_new_tokens=5)
+    expected = model.generate_content(question, videos=[clip], num_video_frames=4, temporal_pool=[2, 1, 1],
+                                      max_new_tokens=5)
+    assert answer == expected
