@@ -146,3 +146,24 @@ def test_qlora_keeps_the_frozen_llm_weights_in_the_compute_dtype(assets, mixed_p
     assert torch.isfinite(loss)
     learning = [p for n, p in trainable.items() if "lora_B" in n or "mm_projector" in n]  # lora_A: 0 while B = 0
     assert learning and all(p.grad is not None and p.grad.abs().sum() > 0 for p in learning)
+
+
+def test_only_label_rows_of_vocab_width_are_kept_for_backward(assets):
+    """What the planner's logits/loss term prices: autograd keeps fp32 log-probs for the label rows only."""
+    model, processor = load(assets, "tune.llm=lora")
+    batch = batch_of(processor)
+    vocab = base_model(model).llm.config.vocab_size
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # lm_head's (transposed) weight
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if t.dim() >= 1 and t.shape[-1] == vocab and t.is_floating_point() and ptr not in weights:
+            saved[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**batch)
+    n_label = out.logits.shape[0]
+    assert n_label > 0 and sum(n for _, n in saved.values()) == 4 * n_label * vocab
+    assert {d for d, _ in saved.values()} == {torch.float32}
