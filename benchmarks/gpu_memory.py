@@ -182,7 +182,8 @@ def measure(recipe, steps: int) -> dict:
             torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - start)
-    plan = plan_recipe(recipe, text_tokens=n_text)
+    n_label = int((batch["labels"][:, 1:] != -100).sum())  # rows the training forward sends through lm_head
+    plan = plan_recipe(recipe, text_tokens=n_text, label_tokens=n_label)
     predicted_static = sum(t.bytes for t in plan.terms if t.group in ("weights", "gradients", "optimizer"))
     result = {
         "model": recipe.model.path, "tune_llm": recipe.tune.llm, "tune_vision_tower": recipe.tune.vision_tower,

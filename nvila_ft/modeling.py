@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, SiglipVisionModel
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration import IGNORE_INDEX, MEDIA_TOKENS, SENTINEL_TOKEN, NvilaConfig, with_v4_keys
@@ -478,16 +479,55 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             pixel_values_videos: (F, 3, 448, 448) float frames of all videos of the batch.
             video_frames: (num_videos,) frames per video; pool_sizes: see :meth:`video_embeddings`.
 
+            **kwargs: passed to the LLM (`output_hidden_states`, `num_items_in_batch` from the Trainer, ...).
+
         Returns:
-            `CausalLMOutputWithPast` with `loss` (mean token cross-entropy, when labels are given) and
-            `logits` (B, L', vocab) over the expanded sequence.
+            `CausalLMOutputWithPast` with `loss` (mean token cross-entropy, when labels are given) and `logits`:
+            (B, L', vocab) over the expanded sequence, except in training mode with labels, where they are
+            only the rows that carry loss, (N_label_tokens, vocab) in label order (see :meth:`_label_only_loss`).
         """
         if inputs_embeds is None:
             inputs_embeds, attention_mask, labels = self.embed(
                 input_ids, attention_mask, pixel_values, block_sizes, labels,
                 pixel_values_videos=pixel_values_videos, video_frames=video_frames, pool_sizes=pool_sizes,
             )
+        if labels is not None and self.training:
+            return self._label_only_loss(inputs_embeds, attention_mask, labels, **kwargs)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def _label_only_loss(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """The training loss with `lm_head` applied only where a label is predicted.
+
+        In NVILA SFT most positions are media tokens and prompt (label -100); the full LLM head would build
+        (B, L', vocab) logits (vocab 151,651 for NVILA-8B) and their fp32 upcast for the loss, kept for
+        backward. Here the decoder's last hidden state is gathered at the positions p whose shifted label
+        `labels[p + 1]` is not -100, and only those rows go through `lm_head` and the fp32 cross-entropy.
+        The loss is transformers' `ForCausalLMLoss`: shift by one, ignore -100, mean over the labelled
+        tokens, or their sum divided by `num_items_in_batch` when the Trainer passes it (gradient
+        accumulation across micro-batches).
+
+        Args:
+            inputs_embeds: (B, L', H); attention_mask: (B, L'); labels: (B, L') int64, -100 = no loss.
+            num_items_in_batch: labelled tokens over all accumulated micro-batches, or None.
+
+        Returns:
+            `CausalLMOutputWithPast` with `loss` (fp32 scalar) and `logits` (N_label_tokens, vocab) in
+            row-major (sample, position) order.
+        """
+        out = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.llm.get_output_embeddings()(out.last_hidden_state[:, :-1][keep])
+        loss = fixed_cross_entropy(logits.float(), targets[keep], num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
 
     @torch.no_grad()
     def generate(

@@ -149,8 +149,9 @@ def _strip_peft(name: str) -> str:
 def parameter_rows(model: nn.Module, recipe) -> list[ParameterRow]:
     """Prices each parameter as training keeps it (train.py `TrainingRun.load_model`).
 
-    - QLoRA: LLM Linear weights in nf4 (:func:`nf4_bytes`), every other LLM parameter upcast to fp32 by
-      peft's `prepare_model_for_kbit_training`.
+    - QLoRA: LLM Linear weights in nf4 (:func:`nf4_bytes`); the other LLM parameters (embeddings, lm_head,
+      norms, biases) in `model.dtype`: peft's `prepare_model_for_kbit_training` upcasts them to fp32 and
+      training casts the frozen ones back (:func:`nvila_ft.train.undo_kbit_upcast`).
     - LoRA weights in fp32 (peft's `autocast_adapter_dtype`); under mixed precision every trainable in fp32.
     - Everything else in `model.dtype`.
 
@@ -171,7 +172,7 @@ def parameter_rows(model: nn.Module, recipe) -> list[ParameterRow]:
             kind, nbytes = "lora", 4 * n
         elif clean in quantized:
             kind, nbytes = "nf4", nf4_bytes(n)
-        elif (qlora and part == "llm") or (p.requires_grad and mp != "no"):
+        elif p.requires_grad and mp != "no":
             kind, nbytes = "float32", 4 * n
         else:
             kind, nbytes = recipe.model.dtype, base_bytes * n
@@ -468,7 +469,8 @@ def _parameters(path: str, dtype: str, tune: tuple, lora: tuple, mp: str):
 
 
 def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | None = None,
-                num_frames: int | None = None, temporal_pool: tuple[int, int, int] | None = None) -> MemoryPlan:
+                num_frames: int | None = None, temporal_pool: tuple[int, int, int] | None = None,
+                label_tokens: int | None = None) -> MemoryPlan:
     """Predicts the peak GPU memory of training with `recipe`, without loading weights.
 
     Args:
@@ -477,6 +479,8 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
         text_tokens: plan a sample with this many text tokens instead of one that fills `data.max_length`.
         num_frames, temporal_pool: also plan a video sample (default: the recipe's `model.num_video_frames`
             and `model.temporal_pool` when the recipe has them); the worse sample counts.
+        label_tokens: answer tokens per sample (labels != -100) for the logits/loss buffer; None: every
+            text token of the sample (the bound for a sample of many turns).
 
     Returns:
         :class:`MemoryPlan`. Peak = weights + gradients + optimizer states + autocast weight copies
@@ -530,14 +534,12 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
 
     tc, vc = model.llm.config, model.vision_tower.config
     gc = train.gradient_checkpointing
-    qlora = tune.llm == "qlora"
-    resid = 4 if (qlora or act == 4) else act  # QLoRA: fp32 embeddings -> fp32 residual stream
     llm_layers = tc.num_hidden_layers
     n_llm = batch * sample.llm_tokens
     layer = llm_layer_bytes(tc, mode=tune.llm, lora_targets=targets["llm"], r=lora.r, dropout=lora.dropout,
                             act=act, gqa_native=batch == 1) * n_llm
     llm_off = llm_layers * layer
-    llm_on = llm_layers * resid * tc.hidden_size * n_llm
+    llm_on = llm_layers * act * tc.hidden_size * n_llm
     v_layers = used_vision_layers(model)
     n_vis = batch * sample.vision_tiles * (vc.image_size // vc.patch_size) ** 2
     v_layer = vision_layer_bytes(vc, mode=tune.vision_tower, lora_targets=targets["vision_tower"], r=lora.r,
@@ -554,14 +556,19 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
                       f"{llm_layers} layers x {n_llm} tokens, GC {'on' if gc.llm else 'off'}",
                       llm_off if gc.llm else llm_on))
     vocab = model.llm.get_output_embeddings().weight.shape[0]
-    logits = 12 * n_llm * vocab  # fp32 log-probs kept + their gradient + the input gradient (backward)
-    if qlora and act == 2:
-        logits += 2 * vocab * tc.hidden_size  # the fp32 lm_head (kbit preparation) cast to bf16 for its matmul
+    # Training applies lm_head only where a label is predicted (NvilaForConditionalGeneration._label_only_loss).
+    # Worst case: every text token of the sample is an answer token (a multi-turn sample can come close), so
+    # the bound is the sample's text share, llm_tokens - media_tokens; media rows never carry a label.
+    text = sample.llm_tokens - sample.media_tokens
+    n_label = batch * (text if label_tokens is None else min(label_tokens, text))
+    logits = 12 * n_label * vocab  # fp32 log-probs kept + their gradient + the input gradient (backward)
     h, f = tc.hidden_size, tc.intermediate_size
     recompute = (layer if gc.llm else 0) + act * (h + 3 * f) * n_llm
     if logits >= recompute:
         terms.append(Term("transient", "logits/loss buffer", logits,
-                          f"12 B x {n_llm} tokens x {vocab} vocab (fp32 loss); > layer backward {recompute / GiB:.2f}"))
+                          f"12 B x {n_label} label tokens ({'all the text' if label_tokens is None else 'given'}) "
+                          f"x {vocab} vocab (fp32 loss); "
+                          f"> layer backward {recompute / GiB:.2f}"))
     else:
         terms.append(Term("transient", "LLM layer recompute + backward", recompute,
                           f"> logits/loss buffer {logits / GiB:.2f} GiB"))
@@ -681,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="budget in GiB (default: train.gpu_memory_gb, else this machine's GPU, else 24)")
     parser.add_argument("--text-tokens", type=int, default=None,
                         help="plan a sample with this many text tokens (default: text fills data.max_length)")
+    parser.add_argument("--label-tokens", type=int, default=None,
+                        help="answer tokens per sample for the logits/loss buffer (default: all its text tokens)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -691,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
 
             build_tiny_checkpoint(recipe.model.path, variant=recipe.model.tiny_variant, seed=0)
         budget = args.gpu_memory or recipe.train.gpu_memory_gb or device_memory_gb() or 24.0
-        plan = plan_recipe(recipe, gpu_memory_gb=budget, text_tokens=args.text_tokens)
+        plan = plan_recipe(recipe, gpu_memory_gb=budget, text_tokens=args.text_tokens, label_tokens=args.label_tokens)
     except (RecipeError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
@@ -187,6 +188,23 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
 
 
+def undo_kbit_upcast(llm: nn.Module, dtype: torch.dtype) -> None:
+    """Casts the frozen LLM weights that `prepare_model_for_kbit_training` upcast to fp32 back to `dtype`.
+
+    peft upcasts every parameter that is not 4-bit to fp32 (and freezes it). All of them are frozen
+    here; the largest are the vocabulary matrices (NVILA-8B: embed_tokens + lm_head = 2 x 151,651 x
+    3,584 = 1.09B params, 4.05 GiB in fp32 vs 2.03 GiB in bf16), the rest are norms and biases. All go
+    back, not only the vocabulary matrices: an fp32 final norm feeding a bf16 `lm_head` would fail
+    without autocast. The model is then in `dtype` as loaded, like a LoRA run; the trainables are made
+    later (fp32 under mixed precision, see :meth:`TrainingRun.load_model`). No-op for fp32 recipes.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return
+    for param in llm.parameters():
+        if param.dtype == torch.float32 and not param.requires_grad:
+            param.data = param.data.to(dtype)
+
+
 def mixed_precision(recipe: Recipe) -> str:
     """Resolves `train.mixed_precision: auto` to bf16 on a GPU that supports it, else no."""
     mp = recipe.train.mixed_precision
@@ -299,6 +317,7 @@ class TrainingRun:
 
             prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=train.gradient_checkpointing.llm,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
+            undo_kbit_upcast(model.llm, dtype)
         gc_parts = [p for p in ("llm", "vision_tower") if getattr(train.gradient_checkpointing, p)]
         if gc_parts:
             model.gradient_checkpointing_enable(parts=gc_parts)
