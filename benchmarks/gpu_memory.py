@@ -200,7 +200,7 @@ def measure(recipe, steps: int) -> dict:
         measured = sum(static.values()) + meter.bytes
         vocab = model.get_base_model().llm.get_output_embeddings().weight.shape[0] if hasattr(
             model, "get_base_model") else model.llm.get_output_embeddings().weight.shape[0]
-        log_probs = 4 * plan.sample.llm_tokens * plan.batch_size * vocab  # saved by cross-entropy's log_softmax
+        log_probs = 4 * n_label * vocab  # saved by cross-entropy's log_softmax, at the labelled rows only
         predicted = predicted_static + sum(t.bytes for t in plan.terms if t.group == "activations") + log_probs
         result["peak_kind"] = "cpu: state bytes + autograd-saved bytes (no allocator peak)"
     result.update(measured_bytes=measured, predicted_bytes=predicted,
