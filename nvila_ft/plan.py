@@ -220,13 +220,14 @@ class Sample:
     image_size: tuple[int, int] | None = None
 
 
-def image_sample(config: NvilaConfig, tiling: TilingConfig, max_length: int, num_end_tokens: int,
-                 text_tokens: int | None = None) -> Sample:
-    """The one-image sample with the most tiles the tiling allows (over every candidate grid's aspect ratio).
+def image_samples(config: NvilaConfig, tiling: TilingConfig, max_length: int, num_end_tokens: int,
+                  text_tokens: int | None = None) -> list[Sample]:
+    """One-image samples for every tile count the tiling can produce (one per candidate grid's aspect ratio).
 
     Tile and token counts come from the processor's own functions (`num_tiles`, `count_image_tokens`).
     The LLM sequence is `data.max_length` (the worst sample fills it with text) or, with `text_tokens`,
-    `min(max_length, media_tokens + text_tokens)`.
+    `min(max_length, media_tokens + text_tokens)`. Few tiles leave more text (more label tokens, a larger
+    logits buffer); many tiles cost vision activations: the planner prices each and keeps the worst.
     """
     per_tile = tokens_per_tile(config, tiling)
     t = tiling.tile_size
@@ -237,19 +238,30 @@ def image_sample(config: NvilaConfig, tiling: TilingConfig, max_length: int, num
     else:
         low = (tiling.s2_scales[-1] // tiling.s2_scales[0]) ** 2
         sizes = [(c * t, r * t) for c, r in candidate_grids(low, max(tiling.max_tiles, low))]
-    best = None
+    samples: dict[tuple[int, int], Sample] = {}
     for w, h in sizes:
         tiles, block = num_tiles(w, h, tiling)
         tokens = count_image_tokens(tiling, per_tile, num_end_tokens, [(w, h)])
-        key = (tokens, tiles)
-        if best is None or key > best[0]:
-            best = (key, w, h, block)
-    (tokens, tiles), w, h, block = best
-    visual = tokens - (tiles if tiling.image_aspect_ratio == "dynamic" and tiles > 1 else 1) * num_end_tokens
-    grid = f"{block[1]}x{block[0]} grid" if block else f"{w // t}x{h // t} grid"
-    detail = f"1 image, {tiling.image_aspect_ratio}, {tiles} tiles ({grid}, max_tiles {tiling.max_tiles})"
-    llm = max_length if text_tokens is None else min(max_length, tokens + text_tokens)
-    return Sample("image", tiles, visual, tokens, llm, detail, (w, h))
+        if (tokens, tiles) in samples:
+            continue
+        visual = tokens - (tiles if tiling.image_aspect_ratio == "dynamic" and tiles > 1 else 1) * num_end_tokens
+        grid = f"{block[1]}x{block[0]} grid" if block else f"{w // t}x{h // t} grid"
+        detail = f"1 image, {tiling.image_aspect_ratio}, {tiles} tiles ({grid}, max_tiles {tiling.max_tiles})"
+        llm = max_length if text_tokens is None else min(max_length, tokens + text_tokens)
+        samples[(tokens, tiles)] = Sample("image", tiles, visual, tokens, llm, detail, (w, h))
+    return [samples[k] for k in sorted(samples)]
+
+
+def image_sample(config: NvilaConfig, tiling: TilingConfig, max_length: int, num_end_tokens: int,
+                 text_tokens: int | None = None) -> Sample:
+    """The one-image sample with the most tiles and visual tokens the tiling allows (see :func:`image_samples`)."""
+    return image_samples(config, tiling, max_length, num_end_tokens, text_tokens)[-1]
+
+
+def text_sample(max_length: int, text_tokens: int | None = None) -> Sample:
+    """A sample without media: all of `data.max_length` (or `text_tokens`) is text, every token a possible label."""
+    llm = max_length if text_tokens is None else min(max_length, text_tokens)
+    return Sample("text", 0, 0, 0, llm, "text only (no media): the most label tokens")
 
 
 def video_sample(config: NvilaConfig, tiling: TilingConfig, max_length: int, num_end_tokens: int,
@@ -500,7 +512,8 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
     batch = train.per_device_train_batch_size
     n_end = len(config.end_token_ids or [198])
     tiling = config.tiling(m.image_aspect_ratio, m.max_tiles)
-    samples = [image_sample(config, tiling, recipe.data.max_length, n_end, text_tokens)]
+    samples = [*image_samples(config, tiling, recipe.data.max_length, n_end, text_tokens),
+               text_sample(recipe.data.max_length, text_tokens)]
     frames = num_frames or m.num_video_frames
     if frames:
         pool = temporal_pool or m.temporal_pool
@@ -510,7 +523,6 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
             raise ValueError(
                 f"the worst-case {s.media} ({s.detail}) alone is {s.media_tokens} tokens > data.max_length="
                 f"{recipe.data.max_length}: no such sample can train. Raise data.max_length or lower model.max_tiles.")
-    sample = max(samples, key=lambda s: (s.vision_tiles * 1024 + s.llm_tokens, s.media_tokens))
 
     terms: list[Term] = []
     for p in rows:
@@ -534,44 +546,52 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
 
     tc, vc = model.llm.config, model.vision_tower.config
     gc = train.gradient_checkpointing
-    llm_layers = tc.num_hidden_layers
-    n_llm = batch * sample.llm_tokens
-    layer = llm_layer_bytes(tc, mode=tune.llm, lora_targets=targets["llm"], r=lora.r, dropout=lora.dropout,
-                            act=act, gqa_native=batch == 1) * n_llm
-    llm_off = llm_layers * layer
-    llm_on = llm_layers * act * tc.hidden_size * n_llm
-    v_layers = used_vision_layers(model)
-    n_vis = batch * sample.vision_tiles * (vc.image_size // vc.patch_size) ** 2
-    v_layer = vision_layer_bytes(vc, mode=tune.vision_tower, lora_targets=targets["vision_tower"], r=lora.r,
-                                 dropout=lora.dropout, act=act) * n_vis
-    v_off = v_layers * v_layer
-    v_on = v_layers * act * vc.hidden_size * n_vis + v_layer if v_layer else 0
-    terms.append(Term("activations", "vision_tower", v_on if gc.vision_tower else v_off,
+
+    def sample_terms(sample: Sample) -> list[Term]:
+        out: list[Term] = []
+        llm_layers = tc.num_hidden_layers
+        n_llm = batch * sample.llm_tokens
+        layer = llm_layer_bytes(tc, mode=tune.llm, lora_targets=targets["llm"], r=lora.r, dropout=lora.dropout,
+                                act=act, gqa_native=batch == 1) * n_llm
+        llm_off = llm_layers * layer
+        llm_on = llm_layers * act * tc.hidden_size * n_llm
+        v_layers = used_vision_layers(model)
+        n_vis = batch * sample.vision_tiles * (vc.image_size // vc.patch_size) ** 2
+        v_layer = vision_layer_bytes(vc, mode=tune.vision_tower, lora_targets=targets["vision_tower"], r=lora.r,
+                                     dropout=lora.dropout, act=act) * n_vis
+        v_off = v_layers * v_layer
+        v_on = v_layers * act * vc.hidden_size * n_vis + v_layer if v_layer else 0
+        out.append(Term("activations", "vision_tower", v_on if gc.vision_tower else v_off,
                       f"{v_layers} layers x {n_vis} tokens, GC {'on' if gc.vision_tower else 'off'}",
                       v_off if gc.vision_tower else v_on))
-    proj = projector_bytes(model.mm_projector, batch * sample.projector_tokens, tune.mm_projector == "full",
-                           tune.vision_tower != "frozen", act)
-    terms.append(Term("activations", "mm_projector", proj, f"{batch * sample.projector_tokens} tokens out"))
-    terms.append(Term("activations", "llm", llm_on if gc.llm else llm_off,
+        proj = projector_bytes(model.mm_projector, batch * sample.projector_tokens, tune.mm_projector == "full",
+                               tune.vision_tower != "frozen", act)
+        out.append(Term("activations", "mm_projector", proj, f"{batch * sample.projector_tokens} tokens out"))
+        out.append(Term("activations", "llm", llm_on if gc.llm else llm_off,
                       f"{llm_layers} layers x {n_llm} tokens, GC {'on' if gc.llm else 'off'}",
                       llm_off if gc.llm else llm_on))
-    vocab = model.llm.get_output_embeddings().weight.shape[0]
-    # Training applies lm_head only where a label is predicted (NvilaForConditionalGeneration._label_only_loss).
-    # Worst case: every text token of the sample is an answer token (a multi-turn sample can come close), so
-    # the bound is the sample's text share, llm_tokens - media_tokens; media rows never carry a label.
-    text = sample.llm_tokens - sample.media_tokens
-    n_label = batch * (text if label_tokens is None else min(label_tokens, text))
-    logits = 12 * n_label * vocab  # fp32 log-probs kept + their gradient + the input gradient (backward)
-    h, f = tc.hidden_size, tc.intermediate_size
-    recompute = (layer if gc.llm else 0) + act * (h + 3 * f) * n_llm
-    if logits >= recompute:
-        terms.append(Term("transient", "logits/loss buffer", logits,
+        vocab = model.llm.get_output_embeddings().weight.shape[0]
+        # Training applies lm_head only where a label is predicted (NvilaForConditionalGeneration._label_only_loss).
+        # Worst case: every text token of the sample is an answer token (a multi-turn sample can come close), so
+        # the bound is the sample's text share, llm_tokens - media_tokens; media rows never carry a label.
+        text = sample.llm_tokens - sample.media_tokens
+        n_label = batch * (text if label_tokens is None else min(label_tokens, text))
+        logits = 12 * n_label * vocab  # fp32 log-probs kept + their gradient + the input gradient (backward)
+        h, f = tc.hidden_size, tc.intermediate_size
+        recompute = (layer if gc.llm else 0) + act * (h + 3 * f) * n_llm
+        if logits >= recompute:
+            out.append(Term("transient", "logits/loss buffer", logits,
                           f"12 B x {n_label} label tokens ({'all the text' if label_tokens is None else 'given'}) "
                           f"x {vocab} vocab (fp32 loss); "
                           f"> layer backward {recompute / GiB:.2f}"))
-    else:
-        terms.append(Term("transient", "LLM layer recompute + backward", recompute,
+        else:
+            out.append(Term("transient", "LLM layer recompute + backward", recompute,
                           f"> logits/loss buffer {logits / GiB:.2f} GiB"))
+        return out
+
+    # The worst sample: every image tile count (text fills the rest), text only, and the video sample.
+    sample, sample_specific = max(((c, sample_terms(c)) for c in samples), key=lambda x: sum(t.bytes for t in x[1]))
+    terms += sample_specific
     terms.append(Term("cuda", "context + allocator allowance", CUDA_ALLOWANCE, "fixed"))
     budget = None if gpu_memory_gb is None else int(gpu_memory_gb * GiB)
     return MemoryPlan(

@@ -25,6 +25,8 @@ from nvila_ft.plan import (
     GiB,
     MemoryBudgetError,
     check_budget,
+    checkpoint_config,
+    image_sample,
     llm_layer_bytes,
     nf4_bytes,
     plan_recipe,
@@ -214,13 +216,18 @@ def test_more_tiles_frames_or_length_never_predict_less():
     assert all(a <= b for a, b in zip(totals, totals[1:])) and totals[0] < totals[-1]
     s2 = [plan_recipe(medical(f"model.max_tiles={n}"), text_tokens=512).total for n in (9, 10, 12)]
     assert s2[0] < s2[1] < s2[2]
+    # Text filling data.max_length: more tiles displace label tokens, but the plan keeps the worst of every
+    # tile count and a text-only sample, so allowing more tiles still never predicts less.
+    filled = [plan_recipe(medical(f"model.max_tiles={n}", f"data.max_length={length}")).total
+              for length in (4096, 8192) for n in (1, 4, 9, 12)]
+    assert all(a <= b for a, b in zip(filled[:4], filled[1:4])) and all(a <= b for a, b in zip(filled[4:], filled[5:]))
     lengths = [plan_recipe(medical(*base, f"data.max_length={n}")).total for n in (2048, 4096, 8192)]
     assert lengths[0] < lengths[1] < lengths[2]
     video = [plan_recipe(medical(*base, "data.max_length=16384"), num_frames=n, text_tokens=512).total
              for n in (8, 16, 32, 64)]
     assert video[0] <= video[1] < video[2] < video[3]
-    pooled = [plan_recipe(medical(*base, "data.max_length=16384"), num_frames=64, temporal_pool=(t, 1, 1)).sample.media_tokens
-              for t in (8, 4, 1)]
+    pooled = [plan_recipe(medical(*base, "data.max_length=16384"), num_frames=64, temporal_pool=(t, 1, 1),
+                          text_tokens=512).sample.media_tokens for t in (8, 4, 1)]
     assert pooled[0] < pooled[1] < pooled[2]
     batch = [plan_recipe(medical(*base, f"train.per_device_train_batch_size={b}")).total for b in (1, 2)]
     assert batch[0] < batch[1]
@@ -250,7 +257,10 @@ def test_cli_plans_the_medical_recipe_offline(capsys):
     assert planner.main([str(MEDICAL), "tune.llm=lora", "--gpu-memory", "20", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is False and data["total_bytes"] > 20 * GiB
-    assert data["sample"]["vision_tiles"] == 17 and data["sample"]["llm_tokens"] == 4096
+    # The worst of the candidates is the text-only sample (4096 answer tokens through lm_head), not the 17-tile image.
+    assert data["sample"]["media"] == "text" and data["sample"]["llm_tokens"] == 4096
+    tiling = checkpoint_config("Efficient-Large-Model/NVILA-8B")[0].tiling()
+    assert image_sample(checkpoint_config("Efficient-Large-Model/NVILA-8B")[0], tiling, 4096, 1).vision_tiles == 17
     assert set(shipped_configs()) >= {f"Efficient-Large-Model/{n}" for n in ("NVILA-8B", "NVILA-Lite-2B")}
 
 
