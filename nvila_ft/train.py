@@ -359,7 +359,8 @@ class TrainingRun:
             per_device_eval_batch_size=t.per_device_eval_batch_size,
             gradient_accumulation_steps=t.gradient_accumulation_steps, num_train_epochs=t.num_train_epochs,
             max_steps=t.max_steps, learning_rate=t.lr, weight_decay=t.weight_decay,
-            lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio, logging_steps=t.logging_steps,
+            lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the steps
+            logging_steps=t.logging_steps,
             save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit, seed=t.seed,
             bf16=mp == "bf16", fp16=mp == "fp16", report_to=t.report_to, remove_unused_columns=False,
             label_names=["labels"], dataloader_num_workers=t.dataloader_num_workers,
