@@ -473,7 +473,7 @@ class Previewer:
             :attr:`media_dir` as PNG (the only folder the page may read examples from); `note` says why
             there are none, else None.
         """
-        from nvila_ft.data import DataError, load_samples
+        from nvila_ft.data import DataError, load_split
         from nvila_ft.evaluate import split_prompt
 
         recipe = run_recipe(self.entry(run).path)
@@ -483,9 +483,7 @@ class Previewer:
         if not Path(d.path).exists():
             return [], f"its data ({d.path}) is not a local path from here"
         try:
-            samples = load_samples(d.path, d.eval_split, format=d.format, image_folder=d.image_folder,
-                                   image_column=d.image_column, question_column=d.question_column,
-                                   answer_column=d.answer_column, max_samples=max(n * 4, n))
+            samples = load_split(d, d.eval_split, max_samples=max(n * 4, n))
         except (DataError, OSError) as err:
             return [], f"cannot read its eval split: {err}"
         rows, repeats = [], []  # rows on images not seen yet come first

@@ -127,6 +127,21 @@ def load_samples(
     return samples
 
 
+def load_split(data, split: str, max_samples: int | None = None) -> list[dict]:
+    """One split as a recipe's `data` section (:class:`nvila_ft.recipe.DataConfig`) describes it:
+    :func:`load_samples` with its path, format, image/video folders and column mapping.
+
+    Raises:
+        DataError: see :func:`load_samples`.
+    """
+    return load_samples(
+        data.path, split, format=data.format, image_folder=data.image_folder, image_column=data.image_column,
+        question_column=data.question_column, answer_column=data.answer_column, max_samples=max_samples,
+        video_column=data.video_column, video_folder=data.video_folder, subset=data.subset,
+        question_template=data.question_template,
+    )
+
+
 def detect_format(path: str | os.PathLike, split: str) -> str:
     """Guesses the format of `path` (see `load_samples`): "vqa_rad", "llava" or "hf"."""
     path = Path(path)

@@ -182,26 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
 
-    from .data import load_samples
+    from .data import load_split
     from .inference import is_run, load_model, run_recipe
+    from .recipe import DataConfig
 
     d = run_recipe(args.model).data if is_run(args.model) else None
     path = args.data or (d.path if d else None)
     if path is None:
         parser.error("--data is required for a checkpoint (a run defaults to its recipe's data.path)")
 
-    def pick(value, key, default):
-        return value if value is not None else (getattr(d, key) if d and args.data in (None, d.path) else default)
-
+    # The run's data settings when predicting on its own data, else the recipe defaults; flags override both.
+    data = d if d and args.data in (None, d.path) else DataConfig(path=path)
+    flags = {"format": args.format, "image_column": args.image_column, "question_column": args.question_column,
+             "answer_column": args.answer_column, "question_template": args.question_template, "subset": args.subset}
+    data = data.model_copy(update={k: v for k, v in flags.items() if v is not None})
     split = args.split or (d.eval_split if d and d.eval_split else "test")
     try:
-        samples = load_samples(
-            path, split, format=pick(args.format, "format", "auto"),
-            image_column=pick(args.image_column, "image_column", "image"),
-            question_column=pick(args.question_column, "question_column", "question"),
-            answer_column=pick(args.answer_column, "answer_column", "answer"),
-            question_template=pick(args.question_template, "question_template", None),
-            subset=pick(args.subset, "subset", None), max_samples=args.max_samples)
+        samples = load_split(data, split, args.max_samples)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

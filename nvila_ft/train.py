@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .data import VideoCheck, load_samples, preflight
+from .data import VideoCheck, load_split, preflight
 from .evaluate import evaluate_samples
 from .modeling import DTYPES, NvilaForConditionalGeneration
 from .plan import MemoryBudgetError, check_budget
@@ -70,12 +70,7 @@ class SupervisedDataset(Dataset):
 
 def prepare_data(recipe: Recipe, processor: NvilaProcessor, split: str, max_samples: int | None) -> list[dict]:
     """Loads one split and runs the preflight (all rows checked, bad rows reported with file and index)."""
-    d = recipe.data
-    samples = load_samples(d.path, split, format=d.format, image_folder=d.image_folder, image_column=d.image_column,
-                           question_column=d.question_column, answer_column=d.answer_column, max_samples=max_samples,
-                           video_column=d.video_column, video_folder=d.video_folder,
-                           subset=d.subset, question_template=d.question_template)
-    return check_samples(recipe, processor, samples, split)
+    return check_samples(recipe, processor, load_split(recipe.data, split, max_samples), split)
 
 
 def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict], split: str) -> list[dict]:

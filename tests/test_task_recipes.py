@@ -14,7 +14,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from nvila_ft.data import load_samples
+from nvila_ft.data import load_split
 from nvila_ft.metrics import METRICS, compute_metric
 from nvila_ft.recipe import load_recipe
 
@@ -57,9 +57,7 @@ def image_dataset(tmp_path: Path, columns: dict, n: int = 3) -> Path:
 
 def load_like(recipe_name: str, path: Path, split: str) -> list[dict]:
     d = load_recipe(next(p for p in RECIPES if p.stem == recipe_name), [f"data.path={path}"]).data
-    return load_samples(d.path, split, format=d.format, image_column=d.image_column,
-                        question_column=d.question_column, answer_column=d.answer_column, subset=d.subset,
-                        question_template=d.question_template)
+    return load_split(d, split)
 
 
 def test_pathology_columns_load_with_inferred_answer_types(tmp_path):
