@@ -132,11 +132,3 @@ def evaluate_samples(
             row["references"] = r
         rows.append(row)
     return metrics, rows
-
-
-def evaluate_vqa(
-    model, processor, samples: Sequence[dict], max_new_tokens: int = 32, batch_size: int = 8, progress: bool = True
-) -> tuple[dict, list[dict]]:
-    """VQA-RAD metrics (closed accuracy, open exact match and token recall) of greedy answers:
-    :func:`evaluate_samples` with `metric="vqa_rad"`."""
-    return evaluate_samples(model, processor, samples, "vqa_rad", max_new_tokens, batch_size, progress)

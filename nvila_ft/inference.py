@@ -28,7 +28,7 @@ from transformers import StoppingCriteria
 from .modeling import DTYPES, NvilaForConditionalGeneration
 from .processing import NvilaProcessor
 from .recipe import Recipe, load_recipe
-from .tuning import NON_LORA_FILE, base_model
+from .tuning import NON_LORA_FILE, base_model, read_non_lora
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,6 @@ class AdapterBank:
     def add(self, run_dir: str | os.PathLike, name: str | None = None) -> str:
         """Registers a run (its adapter is loaded into the PEFT model now). Returns its name."""
         from peft import PeftModel
-        from safetensors.torch import load_file
 
         folder = Path(run_dir)
         if not is_run(folder):
@@ -228,11 +227,11 @@ class AdapterBank:
                 self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name, is_trainable=False)
-        state = load_file(folder / NON_LORA_FILE) if (folder / NON_LORA_FILE).is_file() else {}
+        try:
+            state = read_non_lora(self.model, folder)
+        except (KeyError, ValueError) as err:
+            raise RunError(f"{folder}: its non-LoRA trainables do not fit this base model: {err}") from err
         params = dict(base_model(self.model).named_parameters())
-        unknown = [k for k in state if k not in params]
-        if unknown:
-            raise RunError(f"{folder / NON_LORA_FILE}: tensors not in the base model: {unknown[:5]}")
         for k in state:
             self._base_state.setdefault(k, params[k].detach().to("cpu", copy=True))
         self._states[name], self.runs[name] = state, folder

@@ -194,14 +194,16 @@ def save_non_lora(model: nn.Module, folder: str | os.PathLike) -> Path:
     return path
 
 
-def load_non_lora(model: nn.Module, folder: str | os.PathLike) -> list[str]:
-    """Loads `non_lora_trainables.safetensors` from `folder` into the model (if present).
+def read_non_lora(model: nn.Module, folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of `folder/non_lora_trainables.safetensors` (on the CPU), checked against `model`; {} if absent.
 
-    Returns the names loaded. Raises KeyError naming any tensor the model does not have.
+    Raises:
+        KeyError: a tensor the model does not have (named).
+        ValueError: a tensor whose shape differs from the model's parameter.
     """
     path = Path(folder) / NON_LORA_FILE
     if not path.is_file():
-        return []
+        return {}
     state = load_file(path)
     params = dict(base_model(model).named_parameters())
     missing = [k for k in state if k not in params]
@@ -210,6 +212,16 @@ def load_non_lora(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     wrong = [f"{k} {tuple(v.shape)} != {tuple(params[k].shape)}" for k, v in state.items() if v.shape != params[k].shape]
     if wrong:
         raise ValueError(f"{path}: tensor shapes differ from the model's: {wrong[:5]}")
+    return state
+
+
+def load_non_lora(model: nn.Module, folder: str | os.PathLike) -> list[str]:
+    """Loads `non_lora_trainables.safetensors` from `folder` into the model (if present).
+
+    Returns the names loaded. Raises as :func:`read_non_lora`.
+    """
+    state = read_non_lora(model, folder)
+    params = dict(base_model(model).named_parameters())
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v.to(params[k].device, params[k].dtype))
