@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nvila_ft.configuration import MEDIA_TOKENS, SENTINEL_TOKEN  # noqa: E402
-from nvila_ft.modeling import NvilaForConditionalGeneration  # noqa: E402
+from nvila_ft.modeling import NvilaForConditionalGeneration, keep_nf4_unpacked_on_cpu  # noqa: E402
 from nvila_ft.plan import GiB, checkpoint_config, image_sample, meta_model, plan_recipe  # noqa: E402
 from nvila_ft.recipe import load_recipe  # noqa: E402
 from nvila_ft.train import TrainingRun, mixed_precision  # noqa: E402
@@ -60,6 +60,8 @@ def random_model(path: str, dtype: torch.dtype, llm_quantization_config=None, de
                 p.normal_(0, 0.02)
     if llm_quantization_config is not None:
         _quantize_llm(model.llm, llm_quantization_config, device)
+        if device.type == "cpu":
+            keep_nf4_unpacked_on_cpu(model.llm)  # as the real loader does
     tokenizer = build_tiny_tokenizer()
     tokenizer.add_tokens([SENTINEL_TOKEN], special_tokens=True)
     tokenizer.add_tokens(list(MEDIA_TOKENS.values()), special_tokens=True)

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria
 
-from .modeling import DTYPES, NvilaForConditionalGeneration
+from .modeling import DTYPES, NvilaForConditionalGeneration, nf4_config
 from .processing import NvilaProcessor
 from .recipe import Recipe, load_recipe
 from .tuning import NON_LORA_FILE, base_model, read_non_lora
@@ -143,12 +143,7 @@ def load_model(
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if quantize is None:
         quantize = bool(recipe and recipe.tune.llm == "qlora")
-    quant = None
-    if quantize:
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch_dtype)
+    quant = nf4_config(torch_dtype) if quantize else None
     attn = recipe.model.attn_implementation if recipe else "sdpa"
     model = NvilaForConditionalGeneration.from_pretrained(
         checkpoint, dtype=torch_dtype, attn_implementation=attn, llm_quantization_config=quant,
@@ -158,12 +153,6 @@ def load_model(
     else:  # the 4-bit LLM is placed by device_map (GPU) or stays on the CPU
         model.vision_tower.to(device)
         model.mm_projector.to(device)
-        if device.type == "cpu":
-            # bitsandbytes' CPU eval path repacks 4-bit weights in place (and needs in_features % 64 == 0):
-            # keep the plain nf4 format, as training does, so that outputs match the trained model's.
-            for module in model.llm.modules():
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = False
     processor = load_processor(model, path if run else None)
     if run:
         model = attach_run(model, path, adapter_name)

@@ -174,6 +174,8 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         if llm_quantization_config is not None:
             llm_kwargs["quantization_config"] = llm_quantization_config
         llm = AutoModelForCausalLM.from_pretrained(folder / "llm", **llm_kwargs)
+        if llm_quantization_config is not None and llm.get_input_embeddings().weight.device.type == "cpu":
+            keep_nf4_unpacked_on_cpu(llm)
         vision_tower = SiglipVisionModel.from_pretrained(
             folder / "vision_tower", dtype=dtype, attn_implementation=attn_implementation
         )
@@ -595,6 +597,27 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
         return processor.decode(out[0])
+
+
+def nf4_config(compute_dtype: torch.dtype):
+    """The QLoRA quantization of the LLM (`tune.llm: qlora`): bitsandbytes 4-bit nf4 with double quantization
+    (official LoRA/QLoRA setup, architecture note "Fine-tuning facts"), computing in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def keep_nf4_unpacked_on_cpu(llm: nn.Module) -> None:
+    """Turns off bitsandbytes' CPU eval-mode path for the 4-bit layers of `llm`.
+
+    That path repacks 4-bit weights in place on the first eval-mode call (and needs in_features % 64 == 0);
+    training alternates train and eval, and inference must compute what training evaluated, so the plain nf4
+    format stays. GPUs are unaffected.
+    """
+    for module in llm.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _resize_embeddings_like_official(llm: nn.Module, new_rows: int, storage_dtype: torch.dtype | None) -> None:

@@ -31,7 +31,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from .data import VideoCheck, load_split, preflight
 from .evaluate import evaluate_samples
-from .modeling import DTYPES, NvilaForConditionalGeneration
+from .modeling import DTYPES, NvilaForConditionalGeneration, nf4_config
 from .plan import MemoryBudgetError, check_budget
 from .processing import NvilaProcessor
 from .recipe import Recipe, RecipeError, load_recipe, recipe_to_yaml
@@ -287,12 +287,7 @@ class TrainingRun:
     def load_model(self):
         m, tune, train = self.recipe.model, self.recipe.tune, self.recipe.train
         dtype = DTYPES[m.dtype]
-        quant = None
-        if tune.llm == "qlora":
-            from transformers import BitsAndBytesConfig
-
-            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=dtype)
+        quant = nf4_config(dtype) if tune.llm == "qlora" else None
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
         model = NvilaForConditionalGeneration.from_pretrained(
             m.path, dtype=dtype, attn_implementation=m.attn_implementation, llm_quantization_config=quant,
@@ -301,12 +296,6 @@ class TrainingRun:
         if torch.cuda.is_available():
             model.vision_tower.to(model.llm.device)
             model.mm_projector.to(model.llm.device)
-        if quant is not None and not torch.cuda.is_available():
-            # bitsandbytes' CPU inference path repacks 4-bit weights in place on the first eval-mode call
-            # (and needs in_features % 64 == 0); training alternates train/eval, so keep the plain format.
-            for module in model.llm.modules():
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = False
         if quant is not None:
             from peft import prepare_model_for_kbit_training
 
