@@ -45,9 +45,9 @@ from nvila_ft.inference import (
     run_recipe,
     stream_generate,
 )
-from nvila_ft.processing import NvilaProcessor
-from nvila_ft.recipe import Recipe
-from nvila_ft.tuning import base_model
+from nvila_ft.model.processing import NvilaProcessor
+from nvila_ft.train.recipe import Recipe
+from nvila_ft.train.tuning import base_model
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +64,11 @@ class UploadError(ValueError):
 
 # ------------------------------------------------------------------------------------------------- media
 def video_support() -> str | None:
-    """None when videos can be previewed (`nvila_ft.video` and decord import), else why not."""
+    """None when videos can be previewed (`nvila_ft.model.video` and decord import), else why not."""
     try:
-        import nvila_ft.video  # noqa: F401
+        import nvila_ft.model.video  # noqa: F401
     except ImportError:
-        return "this version of nvila-ft has no video support (nvila_ft.video)"
+        return "this version of nvila-ft has no video support (nvila_ft.model.video)"
     if importlib.util.find_spec("decord") is None:
         return 'video needs the video extra: pip install "nvila-ft[video]"'
     return None
@@ -78,7 +78,7 @@ def video_extensions() -> tuple[str, ...]:
     """File extensions accepted as video uploads; empty without video support."""
     if video_support() is not None:
         return ()
-    from nvila_ft.video import VIDEO_EXTENSIONS
+    from nvila_ft.model.video import VIDEO_EXTENSIONS
 
     return tuple(VIDEO_EXTENSIONS)
 
@@ -148,7 +148,7 @@ class TilePreview:
 def denormalize(pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> list[Image.Image]:
     """(T, 3, H, W) float `pixel_values` -> T RGB PIL images (x * std + mean, then 0..255, rounded).
 
-    Inverts :func:`nvila_ft.image_processing.normalize` (mean = std = 0.5 for SigLIP) up to the uint8 rounding.
+    Inverts :func:`nvila_ft.model.image_processing.normalize` (mean = std = 0.5 for SigLIP) up to the uint8 rounding.
     """
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)

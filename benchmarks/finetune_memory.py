@@ -17,8 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nvila_ft.plan import GiB, plan_recipe  # noqa: E402
-from nvila_ft.recipe import load_recipe  # noqa: E402
+from nvila_ft.plan.memory import GiB  # noqa: E402
+from nvila_ft.plan.report import plan_recipe  # noqa: E402
+from nvila_ft.train.recipe_io import load_recipe  # noqa: E402
 
 STATIC = ("weights", "gradients", "optimizer")
 RUNS = {

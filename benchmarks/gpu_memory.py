@@ -32,12 +32,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nvila_ft.configuration import MEDIA_TOKENS, SENTINEL_TOKEN  # noqa: E402
-from nvila_ft.modeling import NvilaForConditionalGeneration, keep_nf4_unpacked_on_cpu  # noqa: E402
-from nvila_ft.plan import GiB, checkpoint_config, image_sample, meta_model, plan_recipe  # noqa: E402
-from nvila_ft.recipe import load_recipe  # noqa: E402
-from nvila_ft.train import TrainingRun, mixed_precision  # noqa: E402
-from nvila_ft.tuning import param_groups  # noqa: E402
+from nvila_ft.model.checkpoint import keep_nf4_unpacked_on_cpu  # noqa: E402
+from nvila_ft.model.configuration import MEDIA_TOKENS, SENTINEL_TOKEN  # noqa: E402
+from nvila_ft.model.modeling import NvilaForConditionalGeneration  # noqa: E402
+from nvila_ft.plan.memory import GiB, checkpoint_config, image_sample, meta_model  # noqa: E402
+from nvila_ft.plan.report import plan_recipe  # noqa: E402
+from nvila_ft.train.recipe_io import load_recipe  # noqa: E402
+from nvila_ft.train.trainer import TrainingRun  # noqa: E402
+from nvila_ft.train.tuning import param_groups  # noqa: E402
 
 QUESTION = "Is there evidence of a pneumothorax in the left lung on this chest x-ray?"
 ANSWER = "no"
@@ -47,7 +49,7 @@ def random_model(path: str, dtype: torch.dtype, llm_quantization_config=None, de
     """Stands in for `NvilaForConditionalGeneration.from_pretrained`: the shipped config's shapes with random
     weights on the target device, the LLM's Linear layers in nf4 when asked (as bitsandbytes loads them),
     and a small stand-in tokenizer (ids < 1k; the embedding keeps the official tokenizer length)."""
-    from nvila_ft.tiny import build_tiny_tokenizer
+    from nvila_ft.demo.tiny import build_tiny_tokenizer
 
     config, tok_len, _ = checkpoint_config(path)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -162,7 +164,7 @@ def measure(recipe, steps: int) -> dict:
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     groups = param_groups(model, recipe.train)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("names", "name")} for g in groups])
-    mp = mixed_precision(recipe)
+    mp = recipe.train.resolved_mixed_precision()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mp == "bf16" else contextlib.nullcontext()
     meter = SavedTensorMeter([p for p in model.parameters()])
     times = []

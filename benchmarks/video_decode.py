@@ -6,7 +6,7 @@
 Each backend samples the same frame indices (NVILA's uniform `round(linspace(0, n - 1, k))`), decodes them to
 RGB and preprocesses them as NVILA video frames (single 448 px bicubic resize, normalized, float32 tensor).
 Backends:
-  decord  nvila_ft.video.load_video (VideoReader.get_batch: seeks to key frames, decodes what it needs)
+  decord  nvila_ft.model.video.load_video (VideoReader.get_batch: seeks to key frames, decodes what it needs)
   opencv  cv2.VideoCapture, seek (CAP_PROP_POS_FRAMES) + read per index, BGR -> RGB: what NVIDIA's own
           `_load_video` does, and what most users write first            (pip install opencv-python-headless)
   pyav    av.open, decode every frame in order, keep the sampled ones    (pip install av)
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from nvila_ft.image_processing import TilingConfig, preprocess_image
-from nvila_ft.video import frame_indices, load_video, probe_video
+from nvila_ft.model.image_processing import TilingConfig, preprocess_image
+from nvila_ft.model.video import frame_indices, load_video, probe_video
 
 TILING = TilingConfig(image_aspect_ratio="resize")
 
@@ -78,7 +78,7 @@ BACKENDS = {"decord": (decode_decord, "decord"), "opencv": (decode_opencv, "cv2"
 
 
 def default_clips() -> list[str]:
-    from nvila_ft.video_quickstart import clips_dir
+    from nvila_ft.demo.video import clips_dir
 
     return [str(p) for p in sorted(clips_dir().glob("*.mp4"))]
 

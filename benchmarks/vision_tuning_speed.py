@@ -25,9 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nvila_ft.configuration import NvilaConfig  # noqa: E402
-from nvila_ft.modeling import NvilaForConditionalGeneration  # noqa: E402
-from nvila_ft.tuning import apply_tuning  # noqa: E402
+from nvila_ft.model.configuration import NvilaConfig  # noqa: E402
+from nvila_ft.model.modeling import NvilaForConditionalGeneration  # noqa: E402
+from nvila_ft.train.tuning import apply_tuning  # noqa: E402
 
 IMAGE_TOKEN, END_TOKEN, VOCAB = 5, 6, 8192
 

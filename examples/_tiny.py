@@ -18,8 +18,8 @@ OVERRIDES = ["train.max_steps=3", "train.per_device_train_batch_size=2", "train.
 
 def checkpoint_and_data(out: str | Path) -> tuple[Path, Path]:
     """(tiny checkpoint folder, quickstart data folder with train.json / test.json), built if missing."""
-    from nvila_ft.quickstart_data import build_quickstart_dataset
-    from nvila_ft.tiny import build_tiny_checkpoint
+    from nvila_ft.demo.medical import build_quickstart_dataset
+    from nvila_ft.demo.tiny import build_tiny_checkpoint
 
     out = Path(out)
     model, data = out / "tiny-nvila", out / "data"
@@ -37,8 +37,8 @@ def recipe_overrides(out: str | Path, name: str) -> list[str]:
 
 def run(out: str | Path) -> Path:
     """A fine-tuned tiny run folder (3 training steps of the quickstart recipe), trained if missing."""
-    from nvila_ft.recipe import load_recipe
-    from nvila_ft.train import TrainingRun
+    from nvila_ft.train.recipe_io import load_recipe
+    from nvila_ft.train.trainer import TrainingRun
 
     folder = Path(out) / "run"
     if not (folder / "metrics.json").is_file():

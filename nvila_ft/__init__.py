@@ -12,10 +12,12 @@ would be shadowed by the modules of the same names); `load_model`, `generate`, `
 `AdapterBank` and `load_recipe` are also importable from `nvila_ft` itself.
 """
 
-from .configuration import NvilaConfig
-from .modeling import NvilaForConditionalGeneration, load_tokenizer
-from .processing import NvilaProcessor, SampleTooLongError
-from .recipe import Recipe, RecipeError, load_recipe
+from nvila_ft.model.checkpoint import load_tokenizer
+from nvila_ft.model.configuration import NvilaConfig
+from nvila_ft.model.modeling import NvilaForConditionalGeneration
+from nvila_ft.model.processing import NvilaProcessor, SampleTooLongError
+from nvila_ft.train.recipe import Recipe, RecipeError
+from nvila_ft.train.recipe_io import load_recipe
 
 __all__ = [
     "AdapterBank",

@@ -11,7 +11,8 @@
 
 Samples are plain dicts, as the data loaders produce them: `{"images": [path or PIL image, ...],
 "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}` (optional: `id`,
-`answer_type`, `references`). `<image>` placeholders may be left out: images go before the first question.
+`answer_type`, `references`, `videos`: [path or bytes]). `<image>` placeholders may be left out: images go before the
+first question. Rows go through the same normaliser as LLaVA JSON rows (`nvila_ft.data.rows.normalize_row`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .data import _conversations, _error_sample, _new_sample
-from .inference import AdapterBank, generate, load_model, stream_generate  # noqa: F401 - part of the API
-from .merge import merge  # noqa: F401 - part of the API
-from .recipe import Recipe, load_recipe
+from nvila_ft.data.rows import normalize_row
+from nvila_ft.inference import AdapterBank, generate, load_model, stream_generate  # noqa: F401 - part of the API
+from nvila_ft.merge import merge  # noqa: F401 - part of the API
+from nvila_ft.train.recipe import Recipe
+from nvila_ft.train.recipe_io import load_recipe
 
 Metric = str | Callable[[list[str], list], Any]
 
@@ -40,24 +42,7 @@ def as_samples(data: Iterable[dict] | Any, source: str = "python") -> list[dict]
         rows = (data[i] for i in range(len(data)))  # map-style torch Dataset (HF datasets index the same way)
     else:
         rows = iter(data)
-    samples = []
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict) or "conversations" not in row:
-            samples.append(_error_sample(row, index, source, "a sample must be a dict with 'conversations'"))
-            continue
-        sample = _new_sample(row.get("id", index), source, index)
-        try:
-            images = row.get("images", row.get("image")) or []
-            sample["images"] = list(images) if isinstance(images, (list, tuple)) else [images]
-            sample["conversations"] = _conversations(list(row["conversations"]))
-        except ValueError as err:
-            samples.append(_error_sample(row, index, source, str(err)))
-            continue
-        sample["answer_type"] = row.get("answer_type")
-        if row.get("references"):
-            sample["references"] = list(row["references"])
-        samples.append(sample)
-    return samples
+    return [normalize_row(row, index, source) for index, row in enumerate(rows)]
 
 
 def train(
@@ -80,7 +65,7 @@ def train(
         The finished :class:`~nvila_ft.train.TrainingRun`: `.metrics` (also in `metrics.json`), `.output_dir`
         (adapter, non-LoRA trainables, model card), `.model`, `.processor`.
     """
-    from .train import TrainingRun
+    from nvila_ft.train.trainer import TrainingRun
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
@@ -113,7 +98,7 @@ def evaluate(
     Returns:
         (metrics, rows): rows hold `id`, `question`, `reference`, `prediction` per sample.
     """
-    from .evaluate import evaluate_samples
+    from nvila_ft.evaluate import evaluate_samples
 
     if isinstance(model_or_run, (str, Path)):
         model_or_run, processor = load_model(model_or_run)

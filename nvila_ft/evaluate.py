@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import compute_metric
+from nvila_ft.metrics import compute_metric
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def generate_answers(
 
     Args:
         model: NVILA model (or a PeftModel around one), on any device.
-        processor: :class:`~nvila_ft.processing.NvilaProcessor`.
+        processor: :class:`~nvila_ft.model.processing.NvilaProcessor`.
         samples: normalized samples (`conversations`, `images`, `videos`).
         max_new_tokens: generation budget per answer (tokens).
         batch_size: prompts per `generate` call (left-padded after splicing).

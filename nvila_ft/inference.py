@@ -25,10 +25,12 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria
 
-from .modeling import DTYPES, NvilaForConditionalGeneration, nf4_config
-from .processing import NvilaProcessor
-from .recipe import Recipe, load_recipe
-from .tuning import NON_LORA_FILE, base_model, read_non_lora
+from nvila_ft.model.checkpoint import DTYPES, nf4_config
+from nvila_ft.model.modeling import NvilaForConditionalGeneration
+from nvila_ft.model.processing import NvilaProcessor
+from nvila_ft.train.recipe import Recipe
+from nvila_ft.train.recipe_io import load_recipe
+from nvila_ft.train.tuning import NON_LORA_FILE, base_model, read_non_lora
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def run_recipe(run_dir: str | os.PathLike) -> Recipe:
     for candidate in (folder / "recipe.yaml", folder.parent / "recipe.yaml"):
         if candidate.is_file():
             return load_recipe(candidate)
-    raise RunError(f"{folder}: no recipe.yaml here or in {folder.parent}; is this a run folder from nvila_ft.train?")
+    raise RunError(f"{folder}: no recipe.yaml here or in {folder.parent}; is this a run folder from nvila_ft.train.trainer?")
 
 
 def base_checkpoint(run_dir: str | os.PathLike) -> str:
@@ -168,7 +170,7 @@ def attach_run(model: torch.nn.Module, run_dir: str | os.PathLike, adapter_name:
     """
     from peft import PeftModel
 
-    from .tuning import load_non_lora
+    from nvila_ft.train.tuning import load_non_lora
 
     folder = Path(run_dir)
     if (folder / ADAPTER_CONFIG).is_file():
@@ -255,7 +257,7 @@ class AdapterBank:
 def split_media(media) -> tuple[list, list]:
     """(images, videos) of `media`: None, one item or a list of items.
 
-    An item is a video when it is bytes, a path that :func:`nvila_ft.video.is_video` recognises (a video file
+    An item is a video when it is bytes, a path that :func:`nvila_ft.model.video.is_video` recognises (a video file
     extension or a folder of frame images), or a list of PIL frames inside the list; everything else (a PIL
     image, an image path) is an image. Images come before videos in the prompt, as in training.
     """
@@ -275,7 +277,7 @@ def split_media(media) -> tuple[list, list]:
 
 def _is_video_path(path: str | os.PathLike) -> bool:
     try:
-        from .video import is_video
+        from nvila_ft.model.video import is_video
     except ImportError:  # decord (the `video` extra) missing: only images
         return False
     return is_video(path)
@@ -297,7 +299,7 @@ def prepare_inputs(processor: NvilaProcessor, media, question: str, history: Seq
 
     Raises:
         SampleTooLongError: the prompt with its visual tokens exceeds the processor's `max_length`.
-        nvila_ft.video.VideoError: a video cannot be read.
+        nvila_ft.model.video.VideoError: a video cannot be read.
     """
     images, videos = split_media(media)
     turns = [*history, {"from": "human", "value": question}]

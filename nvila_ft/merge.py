@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from .modeling import DTYPES
+from nvila_ft.model.checkpoint import DTYPES
 
 logger = logging.getLogger("nvila_ft.merge")
 
@@ -74,7 +74,14 @@ def merge(
     """
     from peft import PeftModel
 
-    from .inference import PROCESSOR_CONFIG, attach_run, base_checkpoint, is_run, load_model, run_recipe
+    from nvila_ft.inference import (
+        PROCESSOR_CONFIG,
+        attach_run,
+        base_checkpoint,
+        is_run,
+        load_model,
+        run_recipe,
+    )
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not is_run(run_dir):
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example:\n  python -m nvila_ft.merge runs/medical runs/medical-merged --dtype bf16\n"
         "  python -m nvila_ft.predict runs/medical-merged --data DATA --out preds.jsonl   # use it")
-    parser.add_argument("run_dir", help="run folder from nvila_ft.train (or one of its checkpoint-<step>)")
+    parser.add_argument("run_dir", help="run folder from nvila_ft.train.trainer (or one of its checkpoint-<step>)")
     parser.add_argument("out_dir", help="new checkpoint folder (official NVILA layout)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                         help="weights dtype of the merge and the output (default %(default)s)")
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         "trained model) or the original weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .inference import RunError
+    from nvila_ft.inference import RunError
 
     try:
         out = merge(args.run_dir, args.out_dir, dtype=args.dtype, base=args.base, device=args.device,

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .recipe import load_recipe
+from nvila_ft.train.recipe_io import load_recipe
 
 CARD = "README.md"
 

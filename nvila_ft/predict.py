@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .data import DataError
-from .evaluate import generate_answers, prompt_turns, references_of
+from nvila_ft.data import DataError
+from nvila_ft.evaluate import generate_answers, prompt_turns, references_of
 
 logger = logging.getLogger("nvila_ft.predict")
 
@@ -138,7 +138,7 @@ def predict(
 
 def score_file(out: str | os.PathLike, metric: str | Callable) -> dict:
     """Scores every row of a predictions file that has a reference, with a metric name or callable."""
-    from .metrics import compute_metric
+    from nvila_ft.metrics import compute_metric
 
     rows = [r for r in read_done(out) if "reference" in r]
     if not rows:
@@ -148,7 +148,7 @@ def score_file(out: str | os.PathLike, metric: str | Callable) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .metrics import METRICS
+    from nvila_ft.metrics import METRICS
 
     parser = argparse.ArgumentParser(
         prog="python -m nvila_ft.predict", description=__doc__.split("\n\n")[0],
@@ -182,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
 
-    from .data import load_split
-    from .inference import is_run, load_model, run_recipe
-    from .recipe import DataConfig
+    from nvila_ft.data import load_split
+    from nvila_ft.inference import is_run, load_model, run_recipe
+    from nvila_ft.train.recipe import DataConfig
 
     d = run_recipe(args.model).data if is_run(args.model) else None
     path = args.data or (d.path if d else None)

@@ -28,10 +28,10 @@ def tiny_runs(tmp_path_factory):
     """
     from types import SimpleNamespace
 
-    from nvila_ft.quickstart_data import build_quickstart_dataset
-    from nvila_ft.recipe import load_recipe
-    from nvila_ft.tiny import build_tiny_checkpoint
-    from nvila_ft.train import TrainingRun
+    from nvila_ft.demo.medical import build_quickstart_dataset
+    from nvila_ft.demo.tiny import build_tiny_checkpoint
+    from nvila_ft.train.recipe_io import load_recipe
+    from nvila_ft.train.trainer import TrainingRun
 
     root = tmp_path_factory.mktemp("app")
     model = build_tiny_checkpoint(root / "tiny-nvila", variant="nvila", seed=0)
@@ -75,8 +75,8 @@ TINY_RUN_OVERRIDES = [
 def tiny_assets(tmp_path_factory):
     from types import SimpleNamespace
 
-    from nvila_ft.quickstart_data import build_quickstart_dataset
-    from nvila_ft.tiny import build_tiny_checkpoint
+    from nvila_ft.demo.medical import build_quickstart_dataset
+    from nvila_ft.demo.tiny import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-assets")
     return SimpleNamespace(
@@ -90,8 +90,8 @@ def train_tiny_run(assets, out, *overrides: str):
     """Trains the quickstart recipe on the tiny assets into `out` (3 steps); returns the TrainingRun."""
     from pathlib import Path
 
-    from nvila_ft.recipe import load_recipe
-    from nvila_ft.train import TrainingRun
+    from nvila_ft.train.recipe_io import load_recipe
+    from nvila_ft.train.trainer import TrainingRun
 
     recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
     paths = [f"model.path={assets.model}", f"data.path={assets.data}", f"train.output_dir={out}"]

@@ -30,10 +30,10 @@ from app.previewer import (
     stream_answer,
     tile_preview,
 )
-from nvila_ft.image_processing import tile_image
 from nvila_ft.inference import RunError, generate, load_model, prepare_inputs
-from nvila_ft.modeling import NvilaForConditionalGeneration
-from nvila_ft.tuning import base_model
+from nvila_ft.model.image_processing import tile_image
+from nvila_ft.model.modeling import NvilaForConditionalGeneration
+from nvila_ft.train.tuning import base_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

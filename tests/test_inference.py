@@ -28,7 +28,7 @@ from nvila_ft.inference import (
     split_media,
     stream_generate,
 )
-from nvila_ft.modeling import NvilaForConditionalGeneration
+from nvila_ft.model.modeling import NvilaForConditionalGeneration
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,7 +127,7 @@ def test_load_processor_overrides_the_saved_settings(tiny_run):
 def test_split_media_tells_videos_from_images(tmp_path):
     from PIL import Image
 
-    from nvila_ft.video_quickstart import clip_path
+    from nvila_ft.demo.video import clip_path
 
     clip, image = clip_path("carphone_distorted"), Image.new("RGB", (8, 8))
     frames = tmp_path / "frames"
@@ -142,7 +142,7 @@ def test_split_media_tells_videos_from_images(tmp_path):
 
 
 def test_generate_answers_about_a_video_with_the_runs_frame_settings(tiny_assets):
-    from nvila_ft.video_quickstart import clip_path
+    from nvila_ft.demo.video import clip_path
 
     model, _ = load_model(tiny_assets.model, dtype="float32", device="cpu")
     processor = load_processor(model, None, num_video_frames=4, temporal_pool=[2, 1, 1])

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from nvila_ft.configuration import IGNORE_INDEX
-from nvila_ft.recipe import load_recipe
-from nvila_ft.tiny import build_tiny_checkpoint
-from nvila_ft.train import TrainingRun
-from nvila_ft.tuning import base_model
+from nvila_ft.demo.tiny import build_tiny_checkpoint
+from nvila_ft.model.configuration import IGNORE_INDEX
+from nvila_ft.train.recipe_io import load_recipe
+from nvila_ft.train.trainer import TrainingRun
+from nvila_ft.train.tuning import base_model
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 

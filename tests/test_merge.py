@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from nvila_ft.inference import load_model
 from nvila_ft.merge import MergeError, main, merge
-from nvila_ft.modeling import NvilaForConditionalGeneration
+from nvila_ft.model.modeling import NvilaForConditionalGeneration
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -171,7 +171,8 @@ def test_registry_by_name_and_callables():
 
 
 def test_recipe_rejects_an_unknown_metric():
-    from nvila_ft.recipe import RecipeError, parse_recipe
+    from nvila_ft.train.recipe import RecipeError
+    from nvila_ft.train.recipe_io import parse_recipe
 
     with pytest.raises(RecipeError, match="eval.metric must be one of"):
         parse_recipe({"model": {"path": "m"}, "data": {"path": "d"}, "eval": {"metric": "bleu"}})

@@ -19,11 +19,11 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
-from nvila_ft.configuration import IGNORE_INDEX
-from nvila_ft.image_processing import TilingConfig, num_tiles, tile_image, tiles_to_uint8
-from nvila_ft.modeling import NvilaForConditionalGeneration, merge_tiles, split_blocks
-from nvila_ft.processing import NvilaProcessor, SampleTooLongError
-from nvila_ft.projector import MultimodalProjector, spatial_to_channel
+from nvila_ft.model.configuration import IGNORE_INDEX
+from nvila_ft.model.image_processing import TilingConfig, num_tiles, tile_image, tiles_to_uint8
+from nvila_ft.model.modeling import NvilaForConditionalGeneration, merge_tiles, split_blocks
+from nvila_ft.model.processing import NvilaProcessor, SampleTooLongError
+from nvila_ft.model.projector import MultimodalProjector, spatial_to_channel
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CHECKPOINTS = SHARED / "parity" / "checkpoints"

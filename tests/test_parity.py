@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from nvila_ft.configuration import IGNORE_INDEX
-from nvila_ft.image_processing import tile_image, tiles_to_uint8
-from nvila_ft.modeling import NvilaForConditionalGeneration
-from nvila_ft.processing import NvilaProcessor
+from nvila_ft.model.configuration import IGNORE_INDEX
+from nvila_ft.model.image_processing import tile_image, tiles_to_uint8
+from nvila_ft.model.modeling import NvilaForConditionalGeneration
+from nvila_ft.model.processing import NvilaProcessor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PARITY = SHARED / "parity"

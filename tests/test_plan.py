@@ -20,23 +20,22 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from nvila_ft import plan as planner
-from nvila_ft.plan import (
+from nvila_ft.demo.tiny import build_tiny_checkpoint
+from nvila_ft.plan import report as planner
+from nvila_ft.plan.memory import (
     GiB,
-    MemoryBudgetError,
-    check_budget,
     checkpoint_config,
     image_sample,
     llm_layer_bytes,
     nf4_bytes,
-    plan_recipe,
     shipped_configs,
     vision_layer_bytes,
 )
-from nvila_ft.recipe import load_recipe
-from nvila_ft.tiny import build_tiny_checkpoint
-from nvila_ft.train import TrainingRun, main
-from nvila_ft.tuning import param_groups
+from nvila_ft.plan.report import MemoryBudgetError, check_budget, plan_recipe
+from nvila_ft.train.cli import main
+from nvila_ft.train.recipe_io import load_recipe
+from nvila_ft.train.trainer import TrainingRun
+from nvila_ft.train.tuning import param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 MEDICAL = ROOT / "recipes" / "medical.yaml"
@@ -118,7 +117,7 @@ def test_real_shapes_count_exactly_on_meta(name):
     """Parameter and LoRA counts of the meta model equal counts derived from the shipped config by hand."""
     recipe = medical(f"model.path=Efficient-Large-Model/{name}", "tune.llm=lora", "lora.r=64")
     plan = plan_recipe(recipe)
-    cfg = json.loads((ROOT / "nvila_ft" / "configs" / name / "config.json").read_text())
+    cfg = json.loads((ROOT / "nvila_ft" / "model" / "configs" / name / "config.json").read_text())
     tc = cfg["llm_cfg"]
     rows = cfg["video_token_id"] + 1
     llm_total = sum(p.count for p in plan.parameters if p.part == "llm" and p.kind != "lora")

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from nvila_ft import quickstart_data as qd
+from nvila_ft.demo import medical as qd
 
 
 def _no_network(*args, **kwargs):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from nvila_ft.recipe import Recipe, RecipeError, load_recipe, recipe_to_yaml
+from nvila_ft.train.recipe import Recipe, RecipeError
+from nvila_ft.train.recipe_io import load_recipe, recipe_to_yaml
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MINIMAL = "model:\n  path: some/model\ndata:\n  path: some/data\n"

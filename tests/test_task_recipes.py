@@ -16,7 +16,7 @@ from PIL import Image
 
 from nvila_ft.data import load_split
 from nvila_ft.metrics import METRICS, compute_metric
-from nvila_ft.recipe import load_recipe
+from nvila_ft.train.recipe_io import load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 CHECKPOINTS = {"Efficient-Large-Model/NVILA-8B", "Efficient-Large-Model/NVILA-Lite-2B",

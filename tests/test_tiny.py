@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2ForCausalLM, SiglipVisionModel
 
-from nvila_ft.projector import STC_FACTOR, MultimodalProjector
-from nvila_ft.tiny import TOKENIZER_SIZE, build_tiny_checkpoint, main
+from nvila_ft.demo.tiny import TOKENIZER_SIZE, build_tiny_checkpoint, main
+from nvila_ft.model.projector import STC_FACTOR, MultimodalProjector
 
 PARITY = Path(__file__).resolve().parents[2] / "shared" / "parity" / "checkpoints"
 VARIANTS = ["nvila", "nvila-lite"]

@@ -23,12 +23,14 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
-from nvila_ft.modeling import NvilaForConditionalGeneration
-from nvila_ft.quickstart_data import build_quickstart_dataset
-from nvila_ft.recipe import Recipe, load_recipe
-from nvila_ft.tiny import build_tiny_checkpoint
-from nvila_ft.train import TrainingRun, latest_checkpoint, main
-from nvila_ft.tuning import NON_LORA_FILE, base_model, load_non_lora, non_lora_state_dict
+from nvila_ft.demo.medical import build_quickstart_dataset
+from nvila_ft.demo.tiny import build_tiny_checkpoint
+from nvila_ft.model.modeling import NvilaForConditionalGeneration
+from nvila_ft.train.cli import main
+from nvila_ft.train.recipe import Recipe
+from nvila_ft.train.recipe_io import load_recipe
+from nvila_ft.train.trainer import TrainingRun, latest_checkpoint
+from nvila_ft.train.tuning import NON_LORA_FILE, base_model, load_non_lora, non_lora_state_dict
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 SMALL = [  # pinned here, not taken from quickstart.yaml, because the tests below rely on them

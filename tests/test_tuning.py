@@ -1,4 +1,4 @@
-"""Per-part trainability, learning-rate groups and the non-LoRA trainables file (nvila_ft.tuning).
+"""Per-part trainability, learning-rate groups and the non-LoRA trainables file (nvila_ft.train.tuning).
 
     /work/venv/bin/pytest tests/test_tuning.py -q
 
@@ -19,12 +19,12 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from nvila_ft.modeling import NvilaForConditionalGeneration
-from nvila_ft.processing import NvilaProcessor
-from nvila_ft.quickstart_data import build_quickstart_dataset
-from nvila_ft.recipe import LoraConfig, TrainConfig, TuneConfig
-from nvila_ft.tiny import build_tiny_checkpoint
-from nvila_ft.tuning import (
+from nvila_ft.demo.medical import build_quickstart_dataset
+from nvila_ft.demo.tiny import build_tiny_checkpoint
+from nvila_ft.model.modeling import NvilaForConditionalGeneration
+from nvila_ft.model.processing import NvilaProcessor
+from nvila_ft.train.recipe import LoraConfig, TrainConfig, TuneConfig
+from nvila_ft.train.tuning import (
     NON_LORA_FILE,
     apply_tuning,
     base_model,

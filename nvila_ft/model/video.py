@@ -1,6 +1,6 @@
 """Video input for NVILA: frame sampling and decoding (decord), an opt-in frame cache, temporal pooling.
 
-    from nvila_ft.video import load_video
+    from nvila_ft.model.video import load_video
     frames = load_video("clip.mp4", num_frames=8)          # 8 PIL images, uniformly spaced
     frames = load_video("clip_frames/", num_frames=8)      # a folder of frame images, natural order
 

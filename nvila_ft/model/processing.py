@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .configuration import IGNORE_INDEX, MEDIA_TOKENS, NvilaConfig
-from .image_processing import TilingConfig, num_tiles, preprocess_image
-from .projector import num_output_tokens
-from .video import PoolSize, VideoSource, frames_multiple, load_video
+from nvila_ft.model.checkpoint import load_tokenizer, resolve_checkpoint
+from nvila_ft.model.configuration import IGNORE_INDEX, MEDIA_TOKENS, NvilaConfig
+from nvila_ft.model.image_processing import TilingConfig, num_tiles, preprocess_image
+from nvila_ft.model.projector import num_output_tokens
+from nvila_ft.model.video import PoolSize, VideoSource, frames_multiple, load_video
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class NvilaProcessor:
     """Turns LLaVA-style conversations and images into model inputs for NVILA.
 
     Args:
-        tokenizer: tokenizer with NVILA's media tokens (from :func:`nvila_ft.modeling.load_tokenizer`).
+        tokenizer: tokenizer with NVILA's media tokens (from :func:`nvila_ft.model.modeling.load_tokenizer`).
         config: the checkpoint's :class:`NvilaConfig` (tiling, projector and token geometry).
         image_aspect_ratio: override the checkpoint's image mode (`dynamic_s2` | `dynamic` | `resize`).
         max_tiles: override the checkpoint's `max_tiles`.
@@ -106,7 +107,7 @@ class NvilaProcessor:
             token windows (paper, temporal compression); None = the config's `video_encoder` pool_sizes
             ([8, 1, 1] for NVILA-8B-Video, none for NVILA-8B). Must divide `num_video_frames` (t) and the
             per-frame token grid (h, w: 16 for 2x2 projectors, 11 for 3x3).
-        video_cache_dir: opt-in folder caching decoded frames between epochs (see `nvila_ft.video.load_video`).
+        video_cache_dir: opt-in folder caching decoded frames between epochs (see `nvila_ft.model.video.load_video`).
 
     Raises:
         ValueError: a bad tiling mode, `num_video_frames` not a multiple of the temporal pool size t, or a
@@ -162,8 +163,6 @@ class NvilaProcessor:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs) -> NvilaProcessor:
         """Processor for a checkpoint folder or hub id (reads `config.json` and `llm/` tokenizer)."""
-        from .modeling import load_tokenizer, resolve_checkpoint
-
         folder = resolve_checkpoint(path_or_id)
         config = NvilaConfig.from_json_file(str(Path(folder) / "config.json"))
         return cls(load_tokenizer(folder), config, **kwargs)
@@ -361,7 +360,7 @@ class NvilaProcessor:
                 the message names the sample.
             SampleTooLongError: expanded length > `max_length` (never truncated: truncation could cut
                 visual tokens or the whole answer); the message gives the text, image and video token counts.
-            nvila_ft.video.VideoError: a video cannot be decoded.
+            nvila_ft.model.video.VideoError: a video cannot be decoded.
         """
         problem = placeholder_problem(conversations, len(images), len(videos))
         if problem:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig, Qwen2Config, SiglipVisionConfig
 
-from .image_processing import TilingConfig
+from nvila_ft.model.image_processing import TilingConfig
 
 # Media placeholders and the label sentinel: special tokens the official loader adds to the Qwen2
 # tokenizer, in this order (sentinel first), so with the official tokenizer they get ids 151648..151650.
@@ -34,7 +34,7 @@ class NvilaConfig(PretrainedConfig):
         max_tiles, min_tiles: tile grid bounds (12 and 1 in the official configs).
         mm_vision_select_layer: hidden state index the features come from (-2: second-to-last layer output).
         mm_vision_select_feature: `cls_patch` (all tokens; SigLIP has no CLS token) or `patch`.
-        num_video_frames, fps: video sampling defaults (8 frames, 0 = uniform; see `nvila_ft.video.frame_indices`).
+        num_video_frames, fps: video sampling defaults (8 frames, 0 = uniform; see `nvila_ft.model.video.frame_indices`).
         video_encoder: the official hydra target of the video encoder, a JSON string or dict:
             `{"_target_": "llava.model.encoders.BasicVideoEncoder"}` (no pooling; NVILA-8B, NVILA-Lite) or
             `{"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[8, 1, 1]]}` (NVILA-8B-Video:
@@ -104,7 +104,7 @@ class NvilaConfig(PretrainedConfig):
     @property
     def pool_sizes(self) -> list[tuple[int, int, int]]:
         """Video token pooling (t, h, w) per stream from `video_encoder`; [] = none (one token set per frame)."""
-        from .video import parse_video_encoder
+        from nvila_ft.model.video import parse_video_encoder
 
         return parse_video_encoder(self.video_encoder)
 

@@ -1,6 +1,6 @@
 """Offline quickstart VQA set built from the real DICOM images that the pydicom wheel ships.
 
-    python -m nvila_ft.quickstart_data data/quickstart
+    python -m nvila_ft.demo.medical data/quickstart
 
 No network: the files are read straight from ``pydicom/data/test_files`` (never through
 ``pydicom.data.get_testdata_files``, which may download the external pydicom-data set). Only
@@ -361,7 +361,7 @@ def split_images(images: list[SourceImage], seed: int = 0, test_fraction: float 
 _README = """\
 # nvila-ft quickstart set: real DICOM images shipped with pydicom
 
-Built by `python -m nvila_ft.quickstart_data` (dataset version {version}, seed {seed},
+Built by `python -m nvila_ft.demo.medical` (dataset version {version}, seed {seed},
 pydicom {pydicom_version}). {n_images} images, {n_train} train / {n_test} test questions.
 
 ## Images

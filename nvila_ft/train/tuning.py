@@ -90,7 +90,7 @@ def apply_tuning(model: nn.Module, tune, lora) -> nn.Module:
     """Freezes/unfreezes parts and adds LoRA adapters per the recipe.
 
     Args:
-        model: a loaded :class:`~nvila_ft.modeling.NvilaForConditionalGeneration`.
+        model: a loaded :class:`~nvila_ft.model.modeling.NvilaForConditionalGeneration`.
         tune: recipe `tune` section (`llm`, `vision_tower`, `mm_projector` modes).
         lora: recipe `lora` section (`r`, `alpha`, `dropout`, `target_modules`, `use_dora`).
 
@@ -135,11 +135,7 @@ def param_groups(model: nn.Module, train) -> list[dict]:
     projector: `train.mm_projector_lr` (default `train.lr`). Norms and biases get no weight decay.
     Each group carries `name` for the start-up table.
     """
-    lrs = {
-        "llm": train.lr,
-        "vision_tower": train.lr / train.vision_lr_ratio,
-        "mm_projector": train.mm_projector_lr or train.lr,
-    }
+    lrs = train.lr_per_part
     groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

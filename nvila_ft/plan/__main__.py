@@ -1,0 +1,5 @@
+import sys
+
+from nvila_ft.plan.report import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from nvila_ft.train.cli import main
+
+sys.exit(main())
