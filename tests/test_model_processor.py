@@ -324,6 +324,33 @@ def test_embed_masks_media_rows_and_keeps_text_labels_aligned(nvila):
     assert mask[1, :n].all() and not mask[1, n:].any()
 
 
+@needs_checkpoints
+@pytest.mark.parametrize("variant", ["nvila", "lite"])
+def test_image_only_turn_drops_im_end_after_the_image_as_official_embed(request, variant):
+    """NVIDIA's `_embed` skips pad / eos tokens that open a text segment (`pad_token_list`): in an NVILA image-only
+    user turn the `<|im_end|>` right after `<image>` is not embedded (one row fewer). NVILA-Lite writes "\n" after
+    each tile's `<image>`, so nothing is dropped there."""
+    model = request.getfixturevalue(variant)
+    tok = model.tokenizer
+    processor = NvilaProcessor(tok, model.config)
+    sample = processor(qa("<image>", "A cat."), [noise_image(64, 48)])
+    ids, lab = sample["input_ids"].tolist(), sample["labels"]
+    pos = len(ids) - 1 - ids[::-1].index(tok.media_token_ids["image"])  # the last tile's (Lite: one per tile)
+    dropped = 1 if variant == "nvila" else 0
+    assert (ids[pos + 1] == tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id) == bool(dropped)
+    batch = processor.collate([sample])
+    with torch.no_grad():
+        embeds, mask, labels = model.embed(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                                           batch.get("block_sizes"), batch["labels"])
+        media = model.media_embeddings(sample["pixel_values"], sample.get("block_sizes"))
+    n_media, n_images = sum(m.shape[0] for m in media), len(media)
+    assert embeds.shape[1] == len(ids) - n_images + n_media - dropped
+    after = pos - (n_images - 1) + n_media  # the first row after the media
+    text = model.get_input_embeddings()(torch.tensor([ids[pos + 1 + dropped]]))[0]
+    assert torch.equal(embeds[0, after], text)
+    assert torch.equal(labels[0, after:], lab[pos + 1 + dropped :])
+
+
 # ---------------------------------------------------------------------------------------------- placeholders
 
 

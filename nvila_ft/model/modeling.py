@@ -284,6 +284,10 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         Returns:
             inputs_embeds (B, L', H), attention_mask (B, L') int64, labels (B, L') or None.
 
+        As NVIDIA's `_embed` (VILA `llava/remote_code/modeling_vila.py`, `pad_token_list`): pad / eos tokens
+        (`[PAD]`, `<|im_end|>` for NVILA's Qwen2 tokenizer) that open a text segment (the sequence start, or right
+        after a media token) are dropped with their labels: an image-only user turn has no `<|im_end|>` row.
+
         Raises:
             ValueError: placeholder count and image (or video) count differ.
         """
@@ -307,12 +311,13 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             raise ValueError(f"{n_video_placeholders} <vila/video> tokens in input_ids but {len(videos)} videos in "
                              "pixel_values_videos / video_frames")
         text = self.get_input_embeddings()(input_ids.masked_fill(is_media, 0))
+        skip = self.segment_skip_token_ids
         seqs, labs, m, v = [], [], 0, 0
         for b in range(input_ids.shape[0]):
             keep = attention_mask[b].bool()
             ids, emb = input_ids[b][keep], text[b][keep]
             lab = labels[b][keep] if labels is not None else None
-            pieces, lab_pieces, start = [], [], 0
+            pieces, lab_pieces, start = [], [], _skip_leading(ids, 0, skip)
             for pos in (is_media[b][keep]).nonzero().flatten().tolist():
                 if ids[pos] == image_id:
                     item, m = media[m], m + 1
@@ -321,7 +326,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
                 pieces += [emb[start:pos], item.to(emb.dtype)]
                 if lab is not None:
                     lab_pieces += [lab[start:pos], lab.new_full((item.shape[0],), IGNORE_INDEX)]
-                start = pos + 1
+                start = _skip_leading(ids, pos + 1, skip)
             pieces.append(emb[start:])
             seqs.append(torch.cat(pieces))
             if lab is not None:
@@ -337,6 +342,15 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             if out_labels is not None:
                 out_labels[b, sl] = labs[b]
         return embeds, mask, out_labels
+
+    @property
+    def segment_skip_token_ids(self) -> tuple[int, ...]:
+        """Token ids NVIDIA's `_embed` drops at the start of a text segment: the tokenizer's pad and eos ids
+        (its third entry, `tokenize("<|endoftext|>")[0]`, is a string and never matches an id)."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is None:
+            return ()
+        return tuple(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None)
 
     def forward(
         self,
@@ -477,3 +491,10 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
         return processor.decode(out[0])
+
+
+def _skip_leading(ids: torch.Tensor, start: int, skip: tuple[int, ...]) -> int:
+    """First position at or after `start` whose token is not in `skip` (see `embed`)."""
+    while start < ids.shape[0] and skip and int(ids[start]) in skip:
+        start += 1
+    return start
