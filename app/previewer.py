@@ -45,6 +45,7 @@ from nvila_ft.inference import (
     run_recipe,
     stream_generate,
 )
+from nvila_ft.model.image_processing import to_rgb
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.train.recipe import Recipe
 from nvila_ft.train.tuning import base_model
@@ -123,7 +124,7 @@ def load_media(path: str | os.PathLike, kind: str) -> list:
     if kind == "video":
         return [os.fspath(path)]
     with Image.open(path) as im:
-        return [im.convert("RGB")]
+        return [to_rgb(im)]
 
 
 @dataclass

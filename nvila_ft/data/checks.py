@@ -15,6 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from nvila_ft.data.rows import DataError
+from nvila_ft.model.image_processing import to_rgb
 from nvila_ft.model.processing import placeholder_problem
 from nvila_ft.model.video import VideoError, frame_indices, load_video, probe_video
 
@@ -232,22 +233,36 @@ def _video_frames(sample: dict, check: VideoCheck, decode: list[bool]) -> tuple[
 
 
 def _image_problem(image: str | Image.Image) -> str | None:
-    """Why an image cannot be used, or None. Decodes it fully and closes what it opened."""
+    """Why an image cannot be used, or None. Decodes it fully, converts it as training will (`to_rgb`: 16-bit
+    and float modes scaled, alpha on white) and refuses a conversion that loses the picture; closes what it opened."""
     try:
         if isinstance(image, Image.Image):
-            if isinstance(
-                getattr(image, "fp", None), io.BytesIO
-            ):  # lazily opened: decode a copy, keep it lazy
+            if isinstance(getattr(image, "fp", None), io.BytesIO):  # lazily opened: decode a copy, keep it lazy
                 with Image.open(io.BytesIO(image.fp.getvalue())) as copy_:
                     copy_.load()
-            else:
-                image.load()
-            return None
+                    return _pixel_problem(copy_, "in-memory image")
+            image.load()
+            return _pixel_problem(image, "in-memory image")
         if not os.path.isfile(image):
             return f"image file not found: {image}"
         with Image.open(image) as opened:
             opened.load()
+            return _pixel_problem(opened, image)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         name = image if isinstance(image, str) else "in-memory image"
         return f"unreadable image {name} ({type(e).__name__}: {e})"
-    return None
+
+
+def _pixel_problem(image: Image.Image, name: str) -> str | None:
+    """None unless converting the image as training will (`to_rgb`) loses all its contrast: a source with
+    varying pixels that comes out as one flat colour is garbage to train on (a blank source is the data's own)."""
+    converted = to_rgb(image).getextrema()  # ((min, max),) per channel
+    if any(low != high for low, high in converted):
+        return None
+    source = image.getextrema()
+    source = source if isinstance(source[0], tuple) else (source,)
+    if all(low == high for low, high in source):
+        return None
+    return (f"image {name} (mode {image.mode}, {image.size[0]}x{image.size[1]}) becomes one flat colour "
+            f"{tuple(low for low, _ in converted)} in 8-bit RGB although its pixels vary; convert it to an 8-bit "
+            "RGB or grayscale PNG")

@@ -100,11 +100,40 @@ def _cut_tiles(image: Image.Image, cols: int, rows: int, tile: int) -> list[Imag
     ]
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB version of any PIL image, as a person would see it.
+
+    - 8-bit modes without alpha (RGB, L, P, 1, CMYK, YCbCr, ...): `convert("RGB")`, what NVIDIA's preprocessing
+      does (so the pixels equal the official pipeline's).
+    - 16/32-bit integer and float modes (I;16, I;16B, I;16L, I, F: medical and scientific images): scaled
+      linearly from the image's own min..max to 0..255 (a plain `convert("RGB")` clips them to 255: a 12-bit
+      radiograph becomes an almost white image). A constant image becomes black.
+    - Alpha (RGBA, LA, PA, P with a transparency key): composited on white, as a viewer shows it (a plain
+      convert keeps the colour of transparent pixels, often black, under black text).
+
+    Raises:
+        OSError / ValueError: PIL cannot read or convert the pixels.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+        return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def tile_image(image: Image.Image, cfg: TilingConfig, single: bool = False) -> tuple[list[Image.Image], tuple[int, int] | None]:
     """Cuts one RGB image into the tiles the vision tower sees.
 
     Args:
-        image: PIL image (converted to RGB here).
+        image: PIL image of any mode (made 8-bit RGB here by :func:`to_rgb`).
         cfg: tiling settings.
         single: force one `tile_size` resize (video frames, and images of multi-image samples, as in
             the official code).
@@ -115,7 +144,7 @@ def tile_image(image: Image.Image, cfg: TilingConfig, single: bool = False) -> t
         `block_size = (rows, cols)` of the last scale; otherwise `block_size` is None. For `dynamic`,
         1..max_tiles tiles plus a whole-image thumbnail when there is more than one tile.
     """
-    image = image.convert("RGB")
+    image = to_rgb(image)
     t = cfg.tile_size
     if single or cfg.image_aspect_ratio == "resize":
         return [image.resize((t, t), Image.Resampling.BICUBIC)], None

@@ -23,7 +23,7 @@ from PIL import Image
 
 from nvila_ft.model.checkpoint import load_tokenizer, resolve_checkpoint
 from nvila_ft.model.configuration import IGNORE_INDEX, MEDIA_TOKENS, NvilaConfig
-from nvila_ft.model.image_processing import TilingConfig, num_tiles, preprocess_image
+from nvila_ft.model.image_processing import TilingConfig, num_tiles, preprocess_image, to_rgb
 from nvila_ft.model.projector import num_output_tokens
 from nvila_ft.model.video import PoolSize, VideoSource, frames_multiple, load_video
 
@@ -519,4 +519,4 @@ def _open_image(image) -> Image.Image:
         return image
     with Image.open(image) as im:
         im.load()
-        return im.convert("RGB")
+        return to_rgb(im)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nvila_ft.model.image_processing import to_rgb
+
 logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp")
@@ -170,7 +172,7 @@ def load_video(
         for index in frame_indices(len(files), num_frames):
             try:
                 with Image.open(files[index]) as im:
-                    frames.append(im.convert("RGB"))
+                    frames.append(to_rgb(im))
             except Exception as err:  # PIL raises many types for a broken image
                 raise VideoError(f"unreadable frame {files[index]} ({type(err).__name__}: {err})") from err
         return frames
