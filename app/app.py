@@ -32,6 +32,7 @@ from app.previewer import (  # noqa: E402 - after the path fix above
     video_extensions,
     video_support,
 )
+from nvila_ft.cli_errors import user_errors  # noqa: E402
 
 logger = logging.getLogger("app")
 
@@ -237,6 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+from nvila_ft.cli_errors import user_errors
 from nvila_ft.model.checkpoint import DTYPES
 
 logger = logging.getLogger("nvila_ft.merge")
@@ -129,6 +130,7 @@ def merge(
     return out_dir
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nvila_ft.merge", description=__doc__.split("\n\n")[0],

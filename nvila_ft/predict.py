@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from nvila_ft.cli_errors import user_errors
 from nvila_ft.data import DataError
 from nvila_ft.evaluate import generate_answers, prompt_turns, references_of
 
@@ -147,6 +148,7 @@ def score_file(out: str | os.PathLike, metric: str | Callable) -> dict:
     return compute_metric(metric, [r["prediction"] for r in rows], references, [r.get("answer_type") for r in rows])
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     from nvila_ft.metrics import METRICS
 

@@ -45,6 +45,7 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from nvila_ft.cli_errors import user_errors
 from nvila_ft.model.configuration import with_v4_keys
 from nvila_ft.model.projector import PROJECTOR_TYPES, MultimodalProjector
 
@@ -512,6 +513,7 @@ def build_tiny_checkpoint(
     return out
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     """CLI: `python -m nvila_ft.tiny OUT [--variant nvila|nvila-lite] [--seed N] [--overwrite]`."""
     parser = argparse.ArgumentParser(prog="python -m nvila_ft.tiny", description=__doc__.splitlines()[0])

@@ -46,9 +46,10 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = Non
     try:
         return Path(snapshot_download(str(path_or_id), revision=revision))
     except Exception as err:  # network errors, gated repos, typos: all end here
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise FileNotFoundError(
-            f"Could not fetch {path_or_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            "Check the id and your network, or pass a local folder."
+            f"Could not fetch {path_or_id!r} from the Hugging Face Hub ({type(err).__name__}: {detail}). "
+            "Check the id and your network (HF_HUB_OFFLINE=1 uses only the local cache), or pass a local folder."
         ) from err
 
 

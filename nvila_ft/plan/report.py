@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from nvila_ft.cli_errors import user_errors
 from nvila_ft.plan.memory import (
     CUDA_ALLOWANCE,
     DTYPE_BYTES,
@@ -367,6 +368,7 @@ def check_budget(recipe, force: bool = False) -> MemoryPlan | None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     from nvila_ft.train.recipe import RecipeError
     from nvila_ft.train.recipe_io import load_recipe

@@ -14,12 +14,13 @@ import argparse
 import logging
 import sys
 
+from nvila_ft.cli_errors import user_errors
 from nvila_ft.plan.report import MemoryBudgetError
-from nvila_ft.train.recipe import RecipeError
 from nvila_ft.train.recipe_io import load_recipe
 from nvila_ft.train.trainer import TrainingRun
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nvila_ft.train", description=__doc__.split("\n\n")[0],
@@ -31,11 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    recipe = load_recipe(args.recipe, args.overrides)
     try:
         TrainingRun(recipe, force=args.force).run()
     except MemoryBudgetError as err:

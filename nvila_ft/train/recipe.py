@@ -338,6 +338,21 @@ class TrainConfig(_Section):
     def _one_tracker(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        from transformers.trainer_utils import SchedulerType  # the library that defines the names
+
+        names = [s.value for s in SchedulerType]
+        if value not in names:
+            import difflib
+
+            close = difflib.get_close_matches(value, names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"train.lr_scheduler_type {value!r} is not a transformers SchedulerType; {hint}"
+                             f"choose one of {names}.")
+        return value
+
     @field_validator("max_steps")
     @classmethod
     def _max_steps(cls, value: int) -> int:
