@@ -104,7 +104,7 @@ def _quantize_llm(llm: torch.nn.Module, quant, device: torch.device) -> None:
 def worst_image(run: TrainingRun) -> Image.Image:
     """A random-pixel image with the aspect ratio that gives the most tiles under the run's tiling."""
     proc = run.processor
-    w, h = image_sample(proc.config, proc.tiling, proc.max_length, len(proc.end_token_ids)).image_size
+    w, h = image_sample(proc.media, len(proc.end_token_ids)).image_size
     rng = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8).numpy()
     return Image.fromarray(pixels)

@@ -26,8 +26,9 @@ from PIL import Image
 from transformers import StoppingCriteria
 
 from nvila_ft.model.checkpoint import DTYPES, nf4_config
+from nvila_ft.model.media import MediaConfig
 from nvila_ft.model.modeling import NvilaForConditionalGeneration
-from nvila_ft.model.processing import NvilaProcessor
+from nvila_ft.model.processing import PROCESSOR_CONFIG, NvilaProcessor
 from nvila_ft.train.recipe import Recipe
 from nvila_ft.train.recipe_io import load_recipe
 from nvila_ft.train.tuning import NON_LORA_FILE, base_model, read_non_lora
@@ -35,7 +36,6 @@ from nvila_ft.train.tuning import NON_LORA_FILE, base_model, read_non_lora
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-PROCESSOR_CONFIG = "processor_config.json"
 RUN_FILES = (ADAPTER_CONFIG, NON_LORA_FILE)
 
 
@@ -93,19 +93,17 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 def load_processor(model: NvilaForConditionalGeneration, folder: str | os.PathLike | None = None,
                    **overrides: Any) -> NvilaProcessor:
-    """Processor for `model`, with the tiling, `max_length`, system prompt and video sampling/pooling saved in
-    `folder/processor_config.json` (a run folder) when present; keyword arguments override them."""
-    settings: dict[str, Any] = {}
+    """Processor for `model`: the run's media config and system prompt saved in `folder/processor_config.json`
+    (a run folder; see :meth:`NvilaProcessor.from_pretrained`) when present, else the checkpoint config's;
+    keyword arguments (`NvilaProcessor` settings such as `max_length`, `num_video_frames`) override them.
+    Uses `model.tokenizer`."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     path = Path(folder) / PROCESSOR_CONFIG if folder is not None else None
-    if path is not None and path.is_file():
-        saved = json.loads(path.read_text())
-        keys = ("image_aspect_ratio", "max_tiles", "max_length", "system_prompt", "num_video_frames", "video_fps",
-                "temporal_pool")
-        settings = {k: saved[k] for k in keys if k in saved}
-        if settings.get("temporal_pool") == []:  # saved as the list of pools; [] = no pooling
-            settings["temporal_pool"] = [1, 1, 1]
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    return NvilaProcessor(model.tokenizer, model.config, **settings)
+    if path is None or not path.is_file():
+        return NvilaProcessor(model.tokenizer, model.config, **overrides)
+    saved = json.loads(path.read_text())
+    overrides.setdefault("system_prompt", saved.get("system_prompt"))
+    return NvilaProcessor(model.tokenizer, model.config, media=MediaConfig.from_dict(saved), **overrides)
 
 
 def load_model(

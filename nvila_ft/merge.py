@@ -26,6 +26,7 @@ from pathlib import Path
 
 from nvila_ft.cli_errors import user_errors
 from nvila_ft.model.checkpoint import DTYPES
+from nvila_ft.model.media import MediaConfig
 
 logger = logging.getLogger("nvila_ft.merge")
 
@@ -115,15 +116,13 @@ def merge(
         model = model.merge_and_unload()
     model.to(torch_dtype)
 
-    # The run's image settings become the checkpoint's, so the merged model is fed as it was trained.
+    # The run's media config (tiling, video sampling and pooling) becomes the checkpoint's, so the merged model is
+    # fed as it was trained.
     settings_path = run_dir / PROCESSOR_CONFIG
     if not settings_path.is_file():
         settings_path = run_dir.parent / PROCESSOR_CONFIG
     if settings_path.is_file():
-        settings = json.loads(settings_path.read_text())
-        for key in ("image_aspect_ratio", "max_tiles"):
-            if settings.get(key) is not None:
-                setattr(model.config, key, settings[key])
+        MediaConfig.from_dict(json.loads(settings_path.read_text())).write_to(model.config)
     model.config.model_dtype = f"torch.{DTYPE_NAMES[dtype]}"
     model.save_pretrained(out_dir)
     logger.info("merged %s into %s -> %s (%s)", run_dir, checkpoint, out_dir, torch_dtype)

@@ -21,6 +21,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from nvila_ft.demo.tiny import build_tiny_checkpoint
+from nvila_ft.model.media import MediaConfig
 from nvila_ft.plan import report as planner
 from nvila_ft.plan.memory import (
     GiB,
@@ -258,8 +259,8 @@ def test_cli_plans_the_medical_recipe_offline(capsys):
     assert data["fits"] is False and data["total_bytes"] > 20 * GiB
     # The worst of the candidates is the text-only sample (4096 answer tokens through lm_head), not the 17-tile image.
     assert data["sample"]["media"] == "text" and data["sample"]["llm_tokens"] == 4096
-    tiling = checkpoint_config("Efficient-Large-Model/NVILA-8B")[0].tiling()
-    assert image_sample(checkpoint_config("Efficient-Large-Model/NVILA-8B")[0], tiling, 4096, 1).vision_tiles == 17
+    media = MediaConfig.resolve(checkpoint_config("Efficient-Large-Model/NVILA-8B")[0], max_length=4096)
+    assert image_sample(media, 1).vision_tiles == 17
     assert set(shipped_configs()) >= {f"Efficient-Large-Model/{n}" for n in ("NVILA-8B", "NVILA-Lite-2B")}
 
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from nvila_ft.data.rows import DataError
 from nvila_ft.model.image_processing import to_rgb
+from nvila_ft.model.media import MediaConfig
 from nvila_ft.model.processing import placeholder_problem
 from nvila_ft.model.video import VideoError, frame_indices, load_video, probe_video
 
@@ -39,7 +40,8 @@ class BadRow:
 
 @dataclasses.dataclass
 class VideoCheck:
-    """How preflight samples and checks videos (the processor's settings, so that counts agree).
+    """How preflight samples and checks videos (the processor's settings, so that counts agree: build it with
+    :meth:`for_media` from the run's `MediaConfig`).
 
     Attributes:
         num_frames: frames sampled per video (model.num_video_frames).
@@ -58,6 +60,12 @@ class VideoCheck:
     seed: int = 0
     cache_dir: str | None = None
     tokens_fn: Callable[[int], int] | None = None
+
+    @classmethod
+    def for_media(cls, media: MediaConfig, **kwargs) -> VideoCheck:
+        """The check for a run's resolved media config: `num_frames` and `fps` are `media.num_video_frames`
+        and `media.video_fps` (what the processor samples); `kwargs` set the other fields."""
+        return cls(num_frames=media.num_video_frames, fps=media.video_fps, **kwargs)
 
 
 @dataclasses.dataclass

@@ -5,7 +5,10 @@
 - `projector`: `mm_projector` (spatial-to-channel 2x2 / 3x3 + MLP).
 - `image_processing`: `dynamic_s2` / `dynamic` / `resize` tiling and SigLIP normalisation.
 - `video`: frame sampling and decoding (decord), temporal pooling.
-- `processing`: `NvilaProcessor`, conversations + media -> `input_ids`, `labels`, `pixel_values`.
+- `media`: `MediaConfig`, a run's one resolved media config (tiling, frames, fps, temporal pool, max_length),
+  and `expanded_length`, the one count of a sample's tokens after media expansion.
+- `processing`: `NvilaProcessor` (a transformers `ProcessorMixin`; `AutoProcessor` loads it), conversations +
+  media -> `input_ids`, `labels`, `pixel_values`.
 - `modeling`: `NvilaForConditionalGeneration` = `vision_tower` + `mm_projector` + `llm`.
 """
 

@@ -59,7 +59,13 @@ def load_tokenizer(folder: str | os.PathLike):
     Returns the tokenizer with attributes `media_token_ids` ({"image": id, "video": id}) and
     `sentinel_token_id`. Adding is a no-op for a tokenizer saved by this kit or NVIDIA's trainer.
     """
-    tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "llm", padding_side="right")
+    return add_media_tokens(AutoTokenizer.from_pretrained(Path(folder) / "llm", padding_side="right"))
+
+
+def add_media_tokens(tokenizer):
+    """Adds NVILA's sentinel and media tokens (official order) to `tokenizer` and sets `media_token_ids`
+    ({"image": id, "video": id}), `sentinel_token_id` and a pad token; a no-op for a tokenizer that has them
+    (saved by this kit or NVIDIA's trainer). Returns `tokenizer`."""
     tokenizer.add_tokens([SENTINEL_TOKEN], special_tokens=True)
     tokenizer.add_tokens(list(MEDIA_TOKENS.values()), special_tokens=True)
     tokenizer.sentinel_token_id = tokenizer.convert_tokens_to_ids(SENTINEL_TOKEN)

@@ -12,23 +12,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, ProcessorMixin
 
-from nvila_ft.model.checkpoint import load_tokenizer, resolve_checkpoint
+from nvila_ft.model.checkpoint import add_media_tokens, load_tokenizer, resolve_checkpoint
 from nvila_ft.model.configuration import IGNORE_INDEX, MEDIA_TOKENS, NvilaConfig
-from nvila_ft.model.image_processing import TilingConfig, num_tiles, preprocess_image, to_rgb
-from nvila_ft.model.projector import num_output_tokens
-from nvila_ft.model.video import PoolSize, VideoSource, frames_multiple, load_video
+from nvila_ft.model.image_processing import num_tiles, preprocess_image, to_rgb
+from nvila_ft.model.media import OVERRIDES, MediaConfig, expanded_length, image_rows, video_rows
+from nvila_ft.model.video import VideoSource, frames_multiple, load_video
 
 logger = logging.getLogger(__name__)
 
+PROCESSOR_CONFIG = "processor_config.json"  # transformers' PROCESSOR_NAME
 ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -48,6 +50,7 @@ class MediaLayout:
         pixel_values_videos: (F, 3, 448, 448) float32 frames of all videos in order, or None without videos.
         video_frames: frames per video (after padding to a multiple of the temporal pool size).
         video_tokens: embedding rows each `<vila/video>` placeholder expands to.
+        image_sizes: (width, height) of each image, in order.
     """
 
     pixel_values: torch.Tensor | None
@@ -57,6 +60,7 @@ class MediaLayout:
     pixel_values_videos: torch.Tensor | None = None
     video_frames: list[int] = dataclasses.field(default_factory=list)
     video_tokens: list[int] = dataclasses.field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
 def placeholder_problem(conversations: Sequence[dict], n_images: int, n_videos: int) -> str | None:
@@ -79,23 +83,18 @@ def placeholder_problem(conversations: Sequence[dict], n_images: int, n_videos: 
             f"{n_images} image(s) and {n_videos} video(s)")
 
 
-def _pool_list(temporal_pool) -> list[PoolSize]:
-    """[t, h, w] or [[t, h, w], ...] -> list of 3-tuples; (1, 1, 1) alone means no pooling."""
-    if temporal_pool is None:
-        return []
-    pools = [temporal_pool] if isinstance(temporal_pool[0], int) else list(temporal_pool)
-    pools = [tuple(int(x) for x in p) for p in pools]
-    if any(len(p) != 3 or min(p) < 1 for p in pools):
-        raise ValueError(f"temporal_pool must be [t, h, w] of integers >= 1, got {temporal_pool}")
-    return [] if pools == [(1, 1, 1)] else pools
+class NvilaProcessor(ProcessorMixin):
+    """Turns LLaVA-style conversations and images into model inputs for NVILA (a transformers `ProcessorMixin`).
 
-
-class NvilaProcessor:
-    """Turns LLaVA-style conversations and images into model inputs for NVILA.
+    Its only sub-processor is the tokenizer; tiling, video sampling and pooling and `max_length` are one
+    :class:`~nvila_ft.model.media.MediaConfig` (`self.media`), saved in `processor_config.json` with the
+    system prompt. `AutoProcessor.from_pretrained` gives an `NvilaProcessor` for a run folder or an official
+    checkpoint folder once `nvila_ft` is imported (see :meth:`from_pretrained`).
 
     Args:
-        tokenizer: tokenizer with NVILA's media tokens (from :func:`nvila_ft.model.modeling.load_tokenizer`).
-        config: the checkpoint's :class:`NvilaConfig` (tiling, projector and token geometry).
+        tokenizer: tokenizer with NVILA's media tokens (from :func:`nvila_ft.model.checkpoint.load_tokenizer`).
+        config: the checkpoint's :class:`NvilaConfig` (tiling, projector and token geometry); not needed with
+            `media`.
         image_aspect_ratio: override the checkpoint's image mode (`dynamic_s2` | `dynamic` | `resize`).
         max_tiles: override the checkpoint's `max_tiles`.
         max_length: largest expanded sequence (tokens incl. visual tokens); default the tokenizer's
@@ -108,16 +107,19 @@ class NvilaProcessor:
             ([8, 1, 1] for NVILA-8B-Video, none for NVILA-8B). Must divide `num_video_frames` (t) and the
             per-frame token grid (h, w: 16 for 2x2 projectors, 11 for 3x3).
         video_cache_dir: opt-in folder caching decoded frames between epochs (see `nvila_ft.model.video.load_video`).
+        media: the resolved media config (a run's); the settings above then override its fields.
 
     Raises:
         ValueError: a bad tiling mode, `num_video_frames` not a multiple of the temporal pool size t, or a
             spatial pool size that does not divide the frame token grid.
     """
 
+    tokenizer_class = "AutoTokenizer"
+
     def __init__(
         self,
         tokenizer,
-        config: NvilaConfig,
+        config: NvilaConfig | None = None,
         image_aspect_ratio: str | None = None,
         max_tiles: int | None = None,
         max_length: int | None = None,
@@ -126,59 +128,68 @@ class NvilaProcessor:
         video_fps: float | None = None,
         temporal_pool: Sequence[int] | Sequence[Sequence[int]] | None = None,
         video_cache_dir: str | os.PathLike | None = None,
+        media: MediaConfig | dict | None = None,
     ):
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer)
+        settings = {"image_aspect_ratio": image_aspect_ratio, "max_tiles": max_tiles, "max_length": max_length,
+                    "num_video_frames": num_video_frames, "video_fps": video_fps, "temporal_pool": temporal_pool}
+        if media is not None:
+            media = MediaConfig.from_dict(media) if isinstance(media, dict) else media
+            self.media = media.replace(**settings)
+        elif config is not None:
+            settings["max_length"] = max_length or min(getattr(tokenizer, "model_max_length", 4096), 10**6)
+            self.media = MediaConfig.resolve(config, **settings)
+        else:
+            raise TypeError("NvilaProcessor needs the checkpoint's config or a resolved media config (media=...)")
         self.config = config
-        self.tiling: TilingConfig = config.tiling(image_aspect_ratio, max_tiles)
-        if self.tiling.image_aspect_ratio == "dynamic_s2" and not config.dynamic_s2:
-            raise ValueError("image_aspect_ratio 'dynamic_s2' needs a dynamic_s2 checkpoint (config dynamic_s2: true)")
-        self.max_length = max_length or min(getattr(tokenizer, "model_max_length", 4096), 10**6)
         self.system_prompt = system_prompt
+        self.video_cache_dir = video_cache_dir
         self.image_token = MEDIA_TOKENS["image"]
         self.image_token_id = tokenizer.media_token_ids["image"]
         self.end_token_ids = tokenizer("\n", add_special_tokens=False).input_ids
-        self.tokens_per_tile = tokens_per_tile(config, self.tiling)
         self.video_token = MEDIA_TOKENS["video"]
         self.video_token_id = tokenizer.media_token_ids["video"]
-        self.num_video_frames = num_video_frames or config.num_video_frames
-        self.video_fps = float(config.fps if video_fps is None else video_fps)
-        self.pool_sizes = config.pool_sizes if temporal_pool is None else _pool_list(temporal_pool)
-        self.video_cache_dir = video_cache_dir
-        self._check_video_settings()
 
-    def _check_video_settings(self) -> None:
-        multiple = frames_multiple(self.pool_sizes)
-        if self.video_fps == 0 and self.num_video_frames % multiple:
-            raise ValueError(
-                f"num_video_frames {self.num_video_frames} is not a multiple of the temporal pool size {multiple}: "
-                f"pooling averages groups of consecutive frames. Use {multiple * max(1, self.num_video_frames // multiple)} "
-                f"or {multiple * (self.num_video_frames // multiple + 1)} frames, or another pool size."
-            )
-        grid = math.isqrt(self.tokens_per_tile)
-        for t, h, w in self.pool_sizes:
-            if grid * grid != self.tokens_per_tile or grid % h or grid % w:
-                raise ValueError(f"spatial pool {h}x{w} of temporal_pool {[t, h, w]} does not divide the "
-                                 f"{grid}x{grid} tokens of a frame; use sizes that divide {grid}.")
+    # Read-only views of `self.media`, the one owner of these settings.
+    tiling = property(lambda self: self.media.tiling, doc="`TilingConfig` of `media`.")
+    max_length = property(lambda self: self.media.max_length, doc="`media.max_length` (tokens).")
+    tokens_per_tile = property(lambda self: self.media.tokens_per_tile, doc="`media.tokens_per_tile`.")
+    num_video_frames = property(lambda self: self.media.num_video_frames, doc="`media.num_video_frames`.")
+    video_fps = property(lambda self: self.media.video_fps, doc="`media.video_fps`.")
+    pool_sizes = property(lambda self: self.media.pool_sizes, doc="`media.pool_sizes`: [(t, h, w), ...].")
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs) -> NvilaProcessor:
-        """Processor for a checkpoint folder or hub id (reads `config.json` and `llm/` tokenizer)."""
-        folder = resolve_checkpoint(path_or_id)
-        config = NvilaConfig.from_json_file(str(Path(folder) / "config.json"))
-        return cls(load_tokenizer(folder), config, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> NvilaProcessor:
+        """Processor of a run folder (`processor_config.json` + tokenizer, as :meth:`save_pretrained` writes
+        them) or of an official checkpoint folder / hub id (`config.json` + `llm/` tokenizer).
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Writes `processor_config.json` (tiling, max_length, system prompt) and the tokenizer to `folder`."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(folder)
-        config = {**dataclasses.asdict(self.tiling), "max_length": self.max_length,
-                  "system_prompt": self.system_prompt, "tokens_per_tile": self.tokens_per_tile,
-                  "num_video_frames": self.num_video_frames, "video_fps": self.video_fps,
-                  "temporal_pool": [list(p) for p in self.pool_sizes]}
-        path = folder / "processor_config.json"
-        path.write_text(json.dumps(config, indent=2))
-        return path
+        Keyword arguments named like `__init__`'s settings override the saved ones; hub arguments that
+        `AutoProcessor` passes (`revision`, `trust_remote_code`, ...) are ignored.
+
+        Raises:
+            FileNotFoundError: neither a run folder nor a checkpoint (see `resolve_checkpoint`).
+        """
+        own = {k: kwargs.pop(k) for k in (*OVERRIDES, "system_prompt", "video_cache_dir") if k in kwargs}
+        folder = Path(pretrained_model_name_or_path).expanduser()
+        saved_file = folder / PROCESSOR_CONFIG
+        if saved_file.is_file():
+            saved = json.loads(saved_file.read_text())
+            tokenizer = add_media_tokens(AutoTokenizer.from_pretrained(folder, padding_side="right"))
+            own.setdefault("system_prompt", saved.get("system_prompt"))
+            return cls(tokenizer, media=MediaConfig.from_dict(saved), **own)
+        folder = resolve_checkpoint(pretrained_model_name_or_path)
+        config = NvilaConfig.from_json_file(str(folder / "config.json"))
+        return cls(load_tokenizer(folder), config, **own)
+
+    def to_dict(self) -> dict:
+        """What `processor_config.json` holds: the media config's fields, the system prompt, the class name."""
+        return {**self.media.to_dict(), "system_prompt": self.system_prompt, "processor_class": type(self).__name__}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+        """Writes the tokenizer and `processor_config.json` (:meth:`to_dict`) to `save_directory`; returns the
+        path of `processor_config.json`."""
+        files = super().save_pretrained(str(save_directory), **kwargs)
+        return Path(files[0])
 
     # ------------------------------------------------------------------ media
     def _image_mode_single(self, n_images: int) -> bool:
@@ -231,35 +242,27 @@ class NvilaProcessor:
 
     def count_video_tokens(self, num_frames: int | None = None) -> int:
         """Embedding rows a `<vila/video>` placeholder expands to, from the frame count alone
-        (:func:`count_video_tokens` with this processor's pools; None = `num_video_frames`)."""
+        (:func:`nvila_ft.model.media.video_rows`; None = `num_video_frames`)."""
         num_frames = self.num_video_frames if num_frames is None else num_frames
-        return count_video_tokens(self.tokens_per_tile, len(self.end_token_ids), self.pool_sizes, num_frames)
+        return video_rows(self.media, len(self.end_token_ids), num_frames)
 
     def _layout_images(self, images: Sequence[Image.Image | str | os.PathLike]) -> MediaLayout:
         single = self._image_mode_single(len(images))
-        tiles, block_sizes, text, tokens = [], [], [], []
+        images = [_open_image(image) for image in images]
+        tiles, block_sizes, text = [], [], []
         for image in images:
-            image = _open_image(image)
             pixels, block_size = preprocess_image(image, self.tiling, single=single)
             tiles.append(pixels)
             if self.tiling.image_aspect_ratio == "dynamic" and not single:
                 # NVILA-Lite: each tile is an image of its own.
                 block_sizes += [None] * pixels.shape[0]
                 text.append(f"{self.image_token}\n" * pixels.shape[0])
-                tokens += [self.tokens_per_tile + len(self.end_token_ids)] * pixels.shape[0]
             else:
                 block_sizes.append(block_size)
                 text.append(self.image_token)
-                tokens.append(self._image_tokens(block_size))
-        return MediaLayout(torch.cat(tiles), block_sizes, "".join(text), tokens)
-
-    def _image_tokens(self, block_size: tuple[int, int] | None) -> int:
-        blocks = block_size[0] * block_size[1] if block_size else 1
-        return blocks * self.tokens_per_tile + len(self.end_token_ids)
-
-    def count_media_tokens(self, image_sizes: Sequence[tuple[int, int]]) -> int:
-        """Visual + end tokens of a sample's images from their (width, height) alone (no decoding)."""
-        return count_image_tokens(self.tiling, self.tokens_per_tile, len(self.end_token_ids), image_sizes)
+        tokens = image_rows(self.media, len(self.end_token_ids), [image.size for image in images])
+        return MediaLayout(torch.cat(tiles), block_sizes, "".join(text), tokens,
+                           image_sizes=[image.size for image in images])
 
     # ------------------------------------------------------------------ text
     def to_messages(self, conversations: Sequence[dict], placeholder_text: str = "") -> list[dict]:
@@ -375,7 +378,8 @@ class NvilaProcessor:
                              f"tokens after templating but {len(media.media_tokens)} images and "
                              f"{len(media.video_tokens)} videos")
         text_tokens = len(ids) - n_placeholders - n_video_placeholders
-        num_tokens = text_tokens + sum(media.media_tokens) + sum(media.video_tokens)
+        num_tokens = expanded_length(self.media, len(self.end_token_ids), text_tokens, media.image_sizes,
+                                     media.video_frames)
         if num_tokens > self.max_length:
             video = ""
             if media.video_tokens:
@@ -424,7 +428,7 @@ class NvilaProcessor:
         placeholder += self.video_token * len(video_frames)
         ids, _ = self.tokenize_messages(self.to_messages(conversations, placeholder), with_labels=False)
         text = len(ids) - ids.count(self.image_token_id) - ids.count(self.video_token_id)
-        return text + self.count_media_tokens(image_sizes) + sum(self.count_video_tokens(f) for f in video_frames)
+        return expanded_length(self.media, len(self.end_token_ids), text, image_sizes, video_frames)
 
     def collate(self, features: Sequence[dict], padding_side: str = "right") -> dict:
         """Pads a list of encoded samples into a batch.
@@ -471,52 +475,15 @@ class NvilaProcessor:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens).strip()
 
 
-def tokens_per_tile(config: NvilaConfig, tiling: TilingConfig) -> int:
-    """Projected tokens of one tile: (tile_size / patch_size)^2 patches through the projector's STC
-    (1024 -> 256 for 2x2, 121 for 3x3)."""
-    patches = (tiling.tile_size // config.vision_tower_cfg.get("patch_size", 14)) ** 2
-    return num_output_tokens(config.mm_projector_type, patches)
-
-
-def count_image_tokens(
-    tiling: TilingConfig, tokens_per_tile: int, num_end_tokens: int, image_sizes: Sequence[tuple[int, int]]
-) -> int:
-    """LLM input rows (visual + end tokens) of one sample's images, from their (width, height) alone.
-
-    dynamic_s2: rows*cols blocks of `tokens_per_tile` per image (one block without tiling); dynamic: each
-    tile (+ thumbnail) is an image of its own with its end tokens; resize, or a sample with several images:
-    one tile per image. Each image is followed by `num_end_tokens` ("\\n").
-    """
-    single = len(image_sizes) != 1  # the official code tiles only a sample's single image
-    total = 0
-    for w, h in image_sizes:
-        n, block_size = num_tiles(w, h, tiling, single=single)
-        if tiling.image_aspect_ratio == "dynamic" and not single:
-            total += n * (tokens_per_tile + num_end_tokens)
-        else:
-            blocks = block_size[0] * block_size[1] if block_size else 1
-            total += blocks * tokens_per_tile + num_end_tokens
-    return total
-
-
-def count_video_tokens(
-    tokens_per_tile: int, num_end_tokens: int, pool_sizes: Sequence[PoolSize], num_frames: int
-) -> int:
-    """LLM input rows of one video, from its frame count alone.
-
-    `F' = num_frames` rounded up to a multiple of t (last frame repeated); then per pool (t, h, w):
-    `F' / t` groups x (`tokens_per_tile / (h * w)` tokens + the "\\n" end tokens). Without pooling
-    (`pool_sizes` empty): `F'` x (`tokens_per_tile` + end tokens), e.g. 8 frames x (256 + 1) = 2056 for
-    NVILA-8B, and 256 frames with [8, 1, 1] (NVILA-8B-Video): 32 x 257 = 8224.
-    """
-    multiple = frames_multiple(pool_sizes)
-    padded = -(-num_frames // multiple) * multiple
-    return sum(padded // t * (tokens_per_tile // (h * w) + num_end_tokens) for t, h, w in pool_sizes or [(1, 1, 1)])
-
-
 def _open_image(image) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
     with Image.open(image) as im:
         im.load()
         return to_rgb(im)
+
+
+# `AutoConfig` / `AutoProcessor.from_pretrained` on a checkpoint (config.json `model_type: llava_llama`) or a
+# run folder (`processor_config.json` names `NvilaProcessor`), as transformers documents for custom classes.
+AutoConfig.register(NvilaConfig.model_type, NvilaConfig, exist_ok=True)
+AutoProcessor.register(NvilaConfig, NvilaProcessor, exist_ok=True)

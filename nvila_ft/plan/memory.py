@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from nvila_ft.model.configuration import NvilaConfig
-from nvila_ft.model.image_processing import TilingConfig, candidate_grids, num_tiles
-from nvila_ft.model.processing import _pool_list, count_image_tokens, count_video_tokens, tokens_per_tile
+from nvila_ft.model.image_processing import candidate_grids, num_tiles
+from nvila_ft.model.media import MediaConfig, expanded_length
 from nvila_ft.model.projector import SpatialToChannel
 from nvila_ft.train.tuning import base_model, lora_target_names
 
@@ -198,16 +198,16 @@ class Sample:
     image_size: tuple[int, int] | None = None
 
 
-def image_samples(config: NvilaConfig, tiling: TilingConfig, max_length: int, num_end_tokens: int,
-                  text_tokens: int | None = None) -> list[Sample]:
+def image_samples(media: MediaConfig, num_end_tokens: int, text_tokens: int | None = None) -> list[Sample]:
     """One-image samples for every tile count the tiling can produce (one per candidate grid's aspect ratio).
 
-    Tile and token counts come from the processor's own functions (`num_tiles`, `count_image_tokens`).
-    The LLM sequence is `data.max_length` (the worst sample fills it with text) or, with `text_tokens`,
-    `min(max_length, media_tokens + text_tokens)`. Few tiles leave more text (more label tokens, a larger
-    logits buffer); many tiles cost vision activations: the planner prices each and keeps the worst.
+    Tile and token counts come from the processor's own functions (`num_tiles`, `media.expanded_length`),
+    with the run's resolved :class:`~nvila_ft.model.media.MediaConfig`. The LLM sequence is `max_length`
+    (the worst sample fills it with text) or, with `text_tokens`, `min(max_length, expanded length)`. Few
+    tiles leave more text (more label tokens, a larger logits buffer); many tiles cost vision activations:
+    the planner prices each and keeps the worst.
     """
-    per_tile = tokens_per_tile(config, tiling)
+    tiling, max_length = media.tiling, media.max_length
     t = tiling.tile_size
     if tiling.image_aspect_ratio == "resize":
         sizes = [(t, t)]
@@ -219,21 +219,21 @@ def image_samples(config: NvilaConfig, tiling: TilingConfig, max_length: int, nu
     samples: dict[tuple[int, int], Sample] = {}
     for w, h in sizes:
         tiles, block = num_tiles(w, h, tiling)
-        tokens = count_image_tokens(tiling, per_tile, num_end_tokens, [(w, h)])
+        tokens = expanded_length(media, num_end_tokens, 0, [(w, h)])
         if (tokens, tiles) in samples:
             continue
         visual = tokens - (tiles if tiling.image_aspect_ratio == "dynamic" and tiles > 1 else 1) * num_end_tokens
         grid = f"{block[1]}x{block[0]} grid" if block else f"{w // t}x{h // t} grid"
         detail = f"1 image, {tiling.image_aspect_ratio}, {tiles} tiles ({grid}, max_tiles {tiling.max_tiles})"
-        llm = max_length if text_tokens is None else min(max_length, tokens + text_tokens)
+        llm = max_length if text_tokens is None else min(max_length, expanded_length(
+            media, num_end_tokens, text_tokens, [(w, h)]))
         samples[(tokens, tiles)] = Sample("image", tiles, visual, tokens, llm, detail, (w, h))
     return [samples[k] for k in sorted(samples)]
 
 
-def image_sample(config: NvilaConfig, tiling: TilingConfig, max_length: int, num_end_tokens: int,
-                 text_tokens: int | None = None) -> Sample:
+def image_sample(media: MediaConfig, num_end_tokens: int, text_tokens: int | None = None) -> Sample:
     """The one-image sample with the most tiles and visual tokens the tiling allows (see :func:`image_samples`)."""
-    return image_samples(config, tiling, max_length, num_end_tokens, text_tokens)[-1]
+    return image_samples(media, num_end_tokens, text_tokens)[-1]
 
 
 def text_sample(max_length: int, text_tokens: int | None = None) -> Sample:
@@ -242,18 +242,18 @@ def text_sample(max_length: int, text_tokens: int | None = None) -> Sample:
     return Sample("text", 0, 0, 0, llm, "text only (no media): the most label tokens")
 
 
-def video_sample(config: NvilaConfig, tiling: TilingConfig, max_length: int, num_end_tokens: int,
-                 num_frames: int, temporal_pool=None, text_tokens: int | None = None) -> Sample:
-    """The video sample: `num_frames` single 448 px frames through the vision tower, their projected tokens
-    pooled by `temporal_pool` ([t, h, w] or a list of them; None = the checkpoint's `video_encoder` pools)
-    into the LLM, counted by the processor's own :func:`~nvila_ft.model.processing.count_video_tokens`."""
-    per_tile = tokens_per_tile(config, tiling)
-    pools = config.pool_sizes if temporal_pool is None else _pool_list(temporal_pool)
-    tokens = count_video_tokens(per_tile, num_end_tokens, pools, num_frames)
-    temporal_pool = [list(p) for p in pools] or [1, 1, 1]
-    llm = max_length if text_tokens is None else min(max_length, tokens + text_tokens)
-    detail = f"1 video, {num_frames} frames, temporal pool {list(temporal_pool)}"
-    return Sample("video", num_frames, num_frames * per_tile, tokens, llm, detail)
+def video_sample(media: MediaConfig, num_end_tokens: int, text_tokens: int | None = None) -> Sample:
+    """The video sample: `media.num_video_frames` single 448 px frames through the vision tower, their projected
+    tokens pooled by `media.temporal_pool` into the LLM, counted by `media.expanded_length` as the processor
+    counts them."""
+    frames, per_tile = media.num_video_frames, media.tokens_per_tile
+    tokens = expanded_length(media, num_end_tokens, 0, video_frames=[frames])
+    llm = max_length = media.max_length
+    if text_tokens is not None:
+        llm = min(max_length, expanded_length(media, num_end_tokens, text_tokens, video_frames=[frames]))
+    temporal_pool = [list(p) for p in media.temporal_pool] or [1, 1, 1]
+    detail = f"1 video, {frames} frames, temporal pool {list(temporal_pool)}"
+    return Sample("video", frames, frames * per_tile, tokens, llm, detail)
 
 
 # ---------------------------------------------------------------------------------------------- activations

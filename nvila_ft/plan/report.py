@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from nvila_ft.cli_errors import user_errors
+from nvila_ft.model.media import MediaConfig
 from nvila_ft.plan.memory import (
     CUDA_ALLOWANCE,
     DTYPE_BYTES,
@@ -185,13 +186,10 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
     act = 2 if mp in ("bf16", "fp16") else DTYPE_BYTES[m.dtype]
     batch = train.per_device_train_batch_size
     n_end = len(config.end_token_ids or [198])
-    tiling = config.tiling(m.image_aspect_ratio, m.max_tiles)
-    samples = [*image_samples(config, tiling, recipe.data.max_length, n_end, text_tokens),
-               text_sample(recipe.data.max_length, text_tokens)]
-    frames = num_frames or m.num_video_frames
-    if frames:
-        pool = temporal_pool or m.temporal_pool
-        samples.append(video_sample(config, tiling, recipe.data.max_length, n_end, frames, pool, text_tokens))
+    media = MediaConfig.from_recipe(config, recipe).replace(num_video_frames=num_frames, temporal_pool=temporal_pool)
+    samples = [*image_samples(media, n_end, text_tokens), text_sample(media.max_length, text_tokens)]
+    if num_frames or m.num_video_frames:  # the recipe (or the caller) trains on videos
+        samples.append(video_sample(media, n_end, text_tokens))
     for s in samples:
         if s.media_tokens > recipe.data.max_length:
             raise ValueError(

@@ -31,6 +31,7 @@ from transformers.trainer_callback import ProgressCallback
 from nvila_ft.data import VideoCheck, load_split, preflight
 from nvila_ft.evaluate import evaluate_samples
 from nvila_ft.model.checkpoint import DTYPES, nf4_config
+from nvila_ft.model.media import MediaConfig
 from nvila_ft.model.modeling import NvilaForConditionalGeneration
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.plan.report import check_budget
@@ -91,9 +92,9 @@ def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict]
         sizes = [_image_size(im) for im in sample.get("images", [])]
         return processor.num_tokens(sample["conversations"], sizes, sample.get("video_frames", ()))
 
-    video_check = VideoCheck(num_frames=processor.num_video_frames, fps=processor.video_fps,
-                             short_videos=d.short_videos, sample=d.preflight_video_sample, seed=recipe.train.seed,
-                             cache_dir=d.video_cache_dir, tokens_fn=processor.count_video_tokens)
+    video_check = VideoCheck.for_media(processor.media, short_videos=d.short_videos, sample=d.preflight_video_sample,
+                                       seed=recipe.train.seed, cache_dir=d.video_cache_dir,
+                                       tokens_fn=processor.count_video_tokens)
     report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=length_fn, max_length=processor.max_length,
                        video_check=video_check)
     lines = report.summary().splitlines()
@@ -230,19 +231,6 @@ def run_info(recipe: Recipe) -> dict:
             "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def apply_video_settings(config, model_recipe) -> None:
-    """Writes the recipe's video settings (model.num_video_frames, video_fps, temporal_pool) into the model config,
-    where the processor, the model's pooling and saved checkpoints all read them; null keeps the checkpoint's."""
-    from nvila_ft.model.video import video_encoder_config
-
-    if model_recipe.num_video_frames is not None:
-        config.num_video_frames = model_recipe.num_video_frames
-    if model_recipe.video_fps is not None:
-        config.fps = model_recipe.video_fps
-    if model_recipe.temporal_pool is not None:
-        config.video_encoder = json.dumps(video_encoder_config([model_recipe.temporal_pool]))
-
-
 class TrainingRun:
     """One fine-tuning run wired from a recipe (used by :func:`main` and the Python API).
 
@@ -292,7 +280,6 @@ class TrainingRun:
         model = NvilaForConditionalGeneration.from_pretrained(
             m.path, dtype=dtype, attn_implementation=m.attn_implementation, llm_quantization_config=quant,
             device_map=device_map)
-        apply_video_settings(model.config, m)
         if torch.cuda.is_available():
             model.vision_tower.to(model.llm.device)
             model.mm_projector.to(model.llm.device)
@@ -305,8 +292,11 @@ class TrainingRun:
         gc_parts = [p for p in ("llm", "vision_tower") if getattr(train.gradient_checkpointing, p)]
         if gc_parts:
             model.gradient_checkpointing_enable(parts=gc_parts)
-        processor = NvilaProcessor(model.tokenizer, model.config, image_aspect_ratio=m.image_aspect_ratio,
-                                   max_tiles=m.max_tiles, max_length=self.recipe.data.max_length,
+        # The run's one media config (checkpoint config + recipe): the processor saves it in processor_config.json;
+        # written into the model config too, so that the model's default video pooling follows the run.
+        media = MediaConfig.from_recipe(model.config, self.recipe)
+        media.write_to(model.config)
+        processor = NvilaProcessor(model.tokenizer, media=media,
                                    system_prompt=self.recipe.data.system_prompt,
                                    video_cache_dir=self.recipe.data.video_cache_dir)
         set_seed(train.seed)  # adapter init (peft draws lora_A from the global RNG) follows train.seed
