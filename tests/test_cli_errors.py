@@ -79,7 +79,7 @@ def test_non_utf8_json_names_the_file(tiny_assets, tmp_path, capsys):
 def test_predict_on_bad_row_error_is_one_line(tiny_run, tiny_assets, tmp_path, capsys):
     image = next(Path(tiny_assets.data).rglob("*.png"))
     data = write_rows(tmp_path / "d", [qa_row(str(image), 0), qa_row(str(tmp_path / "gone.png"), 1)], "test.json")
-    code = predict_main([str(tiny_run), "--data", str(data), "--split", "test", "--out", str(tmp_path / "p.jsonl"),
+    code = predict_main([str(tiny_run.output_dir), "--data", str(data), "--split", "test", "--out", str(tmp_path / "p.jsonl"),
                          "--on-bad-row", "error"])
     assert_user_error(capsys, code, "gone.png")
 

@@ -345,6 +345,7 @@ def test_image_only_turn_drops_im_end_after_the_image_as_official_embed(request,
         media = model.media_embeddings(sample["pixel_values"], sample.get("block_sizes"))
     n_media, n_images = sum(m.shape[0] for m in media), len(media)
     assert embeds.shape[1] == len(ids) - n_images + n_media - dropped
+    assert sample["num_tokens"] == embeds.shape[1]  # the processor's count (max_length checks) agrees
     after = pos - (n_images - 1) + n_media  # the first row after the media
     text = model.get_input_embeddings()(torch.tensor([ids[pos + 1 + dropped]]))[0]
     assert torch.equal(embeds[0, after], text)

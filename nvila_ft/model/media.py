@@ -224,3 +224,28 @@ def expanded_length(media: MediaConfig, num_end_tokens: int, text_tokens: int,
     """
     return (text_tokens + sum(image_rows(media, num_end_tokens, image_sizes))
             + sum(video_rows(media, num_end_tokens, f) for f in video_frames))
+
+
+def segment_skip_ids(tokenizer) -> tuple[int, ...]:
+    """Token ids NVIDIA's `_embed` drops where a text segment opens (VILA `llava/remote_code/modeling_vila.py`,
+    `pad_token_list`): the tokenizer's pad and eos ids (its third entry, `tokenize("<|endoftext|>")[0]`, is a
+    string and never equals an id). For NVILA's Qwen2 tokenizer: `[PAD]` and `<|im_end|>`."""
+    if tokenizer is None:
+        return ()
+    return tuple(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None)
+
+
+def embedded_text_tokens(ids: Sequence[int], media_ids: Sequence[int], skip_ids: Sequence[int]) -> int:
+    """Text tokens of `ids` that reach the LLM: all but the media placeholders and the `skip_ids` that open a
+    text segment (the sequence start, or right after a placeholder), as `NvilaForConditionalGeneration.embed`
+    drops them (an image-only NVILA turn loses its `<|im_end|>`)."""
+    media, skip = set(media_ids), set(skip_ids)
+    count, at_start = 0, True
+    for token in ids:
+        if token in media:
+            at_start = True
+        elif at_start and token in skip:
+            continue
+        else:
+            count, at_start = count + 1, False
+    return count

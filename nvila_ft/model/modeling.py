@@ -24,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from nvila_ft.model.checkpoint import load_official, save_official
 from nvila_ft.model.configuration import IGNORE_INDEX, NvilaConfig
+from nvila_ft.model.media import segment_skip_ids
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.model.projector import MultimodalProjector
 from nvila_ft.model.video import PoolSize, pool_frames
@@ -345,12 +346,8 @@ class NvilaForConditionalGeneration(PreTrainedModel):
 
     @property
     def segment_skip_token_ids(self) -> tuple[int, ...]:
-        """Token ids NVIDIA's `_embed` drops at the start of a text segment: the tokenizer's pad and eos ids
-        (its third entry, `tokenize("<|endoftext|>")[0]`, is a string and never matches an id)."""
-        tokenizer = getattr(self, "tokenizer", None)
-        if tokenizer is None:
-            return ()
-        return tuple(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None)
+        """Token ids NVIDIA's `_embed` drops at the start of a text segment (`media.segment_skip_ids`)."""
+        return segment_skip_ids(getattr(self, "tokenizer", None))
 
     def forward(
         self,

@@ -25,7 +25,15 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer, ProcessorMixi
 from nvila_ft.model.checkpoint import add_media_tokens, load_tokenizer, resolve_checkpoint
 from nvila_ft.model.configuration import IGNORE_INDEX, MEDIA_TOKENS, NvilaConfig
 from nvila_ft.model.image_processing import num_tiles, preprocess_image, to_rgb
-from nvila_ft.model.media import OVERRIDES, MediaConfig, expanded_length, image_rows, video_rows
+from nvila_ft.model.media import (
+    OVERRIDES,
+    MediaConfig,
+    embedded_text_tokens,
+    expanded_length,
+    image_rows,
+    segment_skip_ids,
+    video_rows,
+)
 from nvila_ft.model.video import VideoSource, frames_multiple, load_video
 
 logger = logging.getLogger(__name__)
@@ -377,7 +385,7 @@ class NvilaProcessor(ProcessorMixin):
             raise ValueError(f"sample {sample_id}: {n_placeholders} <image> and {n_video_placeholders} <vila/video> "
                              f"tokens after templating but {len(media.media_tokens)} images and "
                              f"{len(media.video_tokens)} videos")
-        text_tokens = len(ids) - n_placeholders - n_video_placeholders
+        text_tokens = self._text_tokens(ids)
         num_tokens = expanded_length(self.media, len(self.end_token_ids), text_tokens, media.image_sizes,
                                      media.video_frames)
         if num_tokens > self.max_length:
@@ -427,8 +435,11 @@ class NvilaProcessor(ProcessorMixin):
             placeholder = self.image_token * n
         placeholder += self.video_token * len(video_frames)
         ids, _ = self.tokenize_messages(self.to_messages(conversations, placeholder), with_labels=False)
-        text = len(ids) - ids.count(self.image_token_id) - ids.count(self.video_token_id)
+        text = self._text_tokens(ids)
         return expanded_length(self.media, len(self.end_token_ids), text, image_sizes, video_frames)
+
+    def _text_tokens(self, ids: Sequence[int]) -> int:
+        return embedded_text_tokens(ids, (self.image_token_id, self.video_token_id), segment_skip_ids(self.tokenizer))
 
     def collate(self, features: Sequence[dict], padding_side: str = "right") -> dict:
         """Pads a list of encoded samples into a batch.
