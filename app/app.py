@@ -22,16 +22,8 @@ if __name__ == "__main__" and not __package__:
     # `python app/app.py`: import from the repository root (this folder's app.py would shadow the package).
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from app.previewer import (  # noqa: E402 - after the path fix above
-    BASE,
-    IMAGE_EXTENSIONS,
-    MAX_COMPARED_RUNS,
-    Previewer,
-    UploadError,
-    check_upload,
-    video_extensions,
-    video_support,
-)
+from app.media import IMAGE_EXTENSIONS, UploadError, check_upload, video_extensions, video_support  # noqa: E402
+from app.previewer import BASE, MAX_COMPARED_RUNS, Previewer  # noqa: E402 - after the path fix above
 from nvila_ft.cli_errors import user_errors  # noqa: E402
 
 logger = logging.getLogger("app")
@@ -214,7 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m app", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n  python -m app --runs-dir runs\n"
-               "  python -m app --base runs/quickstart/tiny-nvila --run runs/quickstart/output --port 7861\n\n"
+               "  python -m app --base demo:tiny-nvila --run runs/quickstart/output --port 7861\n\n"
                f"Images: {', '.join(IMAGE_EXTENSIONS)}. Videos: "
                + (", ".join(video_extensions()) or f"off ({video_support()})") + ".")
     parser.add_argument("--runs-dir", default="runs", help="folder searched for run folders written by "

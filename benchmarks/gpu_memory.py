@@ -231,15 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models
     base = ["eval.enabled=false", "train.mixed_precision=bf16", "data.preflight=false"]
     if args.tiny:
-        models = [str(Path(tmp.name) / "tiny-nvila")]
-        base += ["model.tiny_variant=nvila"]
+        from nvila_ft.demo.tiny import build_tiny_checkpoint
+
+        models = [str(build_tiny_checkpoint(Path(tmp.name) / "tiny-nvila", variant="nvila", seed=0))]
     rows = []
     for path in models:
         for mode in args.modes:
             recipe = load_recipe(ROOT / "recipes" / "medical.yaml",
                                  [f"model.path={path}", f"tune.llm={mode}", *base, *args.overrides])
-            if args.tiny:
-                TrainingRun(recipe).bootstrap()
             rows.append(measure(recipe, args.steps))
             r = rows[-1]
             print(f"{Path(path).name:<16}{mode:<7}measured {r['measured_bytes'] / GiB:7.2f} GiB  predicted "

@@ -1,6 +1,7 @@
-"""Offline stand-ins for the examples' `--tiny` mode: a tiny random NVILA, the quickstart medical set
-(real DICOM images that pydicom ships) and a 3-step fine-tuned run, built once under an output folder.
-Nothing here is needed with a real checkpoint and real data."""
+"""Offline stand-ins for the examples' `--tiny` mode: a tiny random NVILA (`demo:tiny-nvila`), the quickstart
+medical set (`demo:medical`, real DICOM images that pydicom ships; both built once in the demo cache, see
+`nvila_ft.demo`) and a 3-step fine-tuned run, built once under an output folder. Nothing here is needed with a
+real checkpoint and real data."""
 
 from __future__ import annotations
 
@@ -16,23 +17,16 @@ OVERRIDES = ["train.max_steps=3", "train.per_device_train_batch_size=2", "train.
              "eval.max_new_tokens=4"]
 
 
-def checkpoint_and_data(out: str | Path) -> tuple[Path, Path]:
+def checkpoint_and_data() -> tuple[Path, Path]:
     """(tiny checkpoint folder, quickstart data folder with train.json / test.json), built if missing."""
-    from nvila_ft.demo.medical import build_quickstart_dataset
-    from nvila_ft.demo.tiny import build_tiny_checkpoint
+    from nvila_ft.demo import resolve
 
-    out = Path(out)
-    model, data = out / "tiny-nvila", out / "data"
-    if not model.exists():
-        build_tiny_checkpoint(model, variant="nvila", seed=0)
-    if not data.exists():
-        build_quickstart_dataset(data)
-    return model, data
+    return resolve("demo:tiny-nvila"), resolve("demo:medical")
 
 
 def recipe_overrides(out: str | Path, name: str) -> list[str]:
-    model, data = checkpoint_and_data(out)
-    return [f"model.path={model}", f"data.path={data}", f"train.output_dir={Path(out) / name}", *OVERRIDES]
+    return ["model.path=demo:tiny-nvila", "data.path=demo:medical", f"train.output_dir={Path(out) / name}",
+            *OVERRIDES]
 
 
 def run(out: str | Path) -> Path:
@@ -48,7 +42,7 @@ def run(out: str | Path) -> Path:
 
 def csv_of_quickstart(out: str | Path, split: str) -> Path:
     """The quickstart split as a CSV of image,question,answer (the shape of many users' own labels)."""
-    _, data = checkpoint_and_data(out)
+    _, data = checkpoint_and_data()
     path = Path(out) / f"{split}.csv"
     rows = json.loads((data / f"{split}.json").read_text())
     with open(path, "w", newline="") as f:

@@ -39,6 +39,6 @@ if __name__ == "__main__":
     if args.tiny:  # a tiny 3-step run answering with a few tokens
         import _tiny
 
-        args.model, args.data = _tiny.run(args.out), _tiny.checkpoint_and_data(args.out)[1]
+        args.model, args.data = _tiny.run(args.out), _tiny.checkpoint_and_data()[1]
         args.max_new_tokens, args.max_samples = 4, args.max_samples or 8
     main(args.model, args.data, args.split, args.out, args.max_new_tokens, args.max_samples)

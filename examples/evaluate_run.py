@@ -34,6 +34,6 @@ if __name__ == "__main__":
     if args.tiny:
         import _tiny
 
-        args.run_dir, args.data = _tiny.run(args.out), _tiny.checkpoint_and_data(args.out)[1]
+        args.run_dir, args.data = _tiny.run(args.out), _tiny.checkpoint_and_data()[1]
         args.max_samples = args.max_samples or 8
     main(args.run_dir, args.data, args.split, args.metric, args.max_samples)

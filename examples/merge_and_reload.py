@@ -39,5 +39,5 @@ if __name__ == "__main__":
         import _tiny
 
         args.run_dir, args.merged_dir = _tiny.run(args.out), f"{args.out}/merged"
-        args.image = load_samples(_tiny.checkpoint_and_data(args.out)[1], "test")[0]["images"][0]
+        args.image = load_samples(_tiny.checkpoint_and_data()[1], "test")[0]["images"][0]
     main(args.run_dir, args.merged_dir, args.image, args.question)

@@ -44,6 +44,26 @@ def references_of(sample: dict) -> list[str] | None:
     return [turns[-1]["value"]] if turns and turns[-1]["from"] == "gpt" else None
 
 
+def prediction_row(sample: dict, prediction: str | None) -> dict:
+    """One output row for a sample and its generated answer (training's `predictions_<tag>.jsonl`,
+    `nvila_ft.predict` lines, `evaluate` rows).
+
+    Returns:
+        `{"id", "index", "question", "prediction"}`, plus, when the sample has an answer, `reference` (its
+        first acceptable answer), `answer_type` (None when the data has none) and `references` (only when
+        it lists several).
+    """
+    row = {"id": sample.get("id"), "index": sample.get("index"), "question": prompt_turns(sample)[-1]["value"],
+           "prediction": prediction}
+    references = references_of(sample)
+    if references is not None:
+        row["reference"] = references[0]
+        row["answer_type"] = sample.get("answer_type")
+        if len(references) > 1:
+            row["references"] = references
+    return row
+
+
 @torch.no_grad()
 def generate_answers(
     model,
@@ -111,8 +131,8 @@ def evaluate_samples(
     or a callable `(predictions, references) -> dict | float`).
 
     Returns:
-        (metrics, rows): `metrics` from the metric; `rows` one dict per sample with `id`, `question`,
-        `reference`, `prediction`, `answer_type` (+ `references` when the sample lists several).
+        (metrics, rows): `metrics` from the metric; `rows` one :func:`prediction_row` per sample (`id`,
+        `index`, `question`, `prediction`, `reference`, `answer_type`, + `references` when it lists several).
 
     Raises:
         ValueError: a sample without a final answer to score against.
@@ -124,11 +144,4 @@ def evaluate_samples(
     types = [s.get("answer_type") for s in samples]
     refs = [r if len(r) > 1 else r[0] for r in references]
     metrics = compute_metric(metric, predictions, refs, types)
-    rows = []
-    for s, r, p, t in zip(samples, references, predictions, types):
-        row = {"id": s.get("id"), "question": prompt_turns(s)[-1]["value"], "reference": r[0], "prediction": p,
-               "answer_type": t}
-        if len(r) > 1:
-            row["references"] = r
-        rows.append(row)
-    return metrics, rows
+    return metrics, [prediction_row(s, p) for s, p in zip(samples, predictions)]

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria
 
+from nvila_ft.demo import is_demo_path
 from nvila_ft.model.checkpoint import DTYPES, nf4_config
 from nvila_ft.model.media import MediaConfig
 from nvila_ft.model.modeling import NvilaForConditionalGeneration
@@ -64,7 +65,7 @@ def run_recipe(run_dir: str | os.PathLike) -> Recipe:
 
 def base_checkpoint(run_dir: str | os.PathLike) -> str:
     """The base checkpoint of a run: a local folder (absolute path recorded at training time, or the recipe's
-    `model.path` if it exists from here) or the recipe's hub id.
+    `model.path` if it exists from here), the recipe's hub id or its `demo:` checkpoint.
 
     Raises:
         RunError: the recipe names a local-looking path that does not exist from here.
@@ -77,7 +78,7 @@ def base_checkpoint(run_dir: str | os.PathLike) -> str:
                 return resolved
             break
     path = run_recipe(folder).model.path
-    if Path(path).is_dir():
+    if Path(path).is_dir() or is_demo_path(path):  # a demo checkpoint resolves (and builds) where it loads
         return path
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise RunError(f"{folder}: base checkpoint {path!r} from its recipe does not exist from {Path.cwd()}; "

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from nvila_ft.cli_errors import user_errors
 from nvila_ft.data import DataError
-from nvila_ft.evaluate import generate_answers, prompt_turns, references_of
+from nvila_ft.evaluate import generate_answers, prediction_row
 
 logger = logging.getLogger("nvila_ft.predict")
 
@@ -118,17 +118,9 @@ def predict(
                 if answer is None:
                     bad.append((key, "could not be encoded (see the log)"))
                     continue
-                row = {"id": s.get("id"), "index": s.get("index"), "question": prompt_turns(s)[-1]["value"],
-                       "prediction": answer}
+                row = prediction_row(s, answer)
                 if key != str(s.get("id")):
-                    row["key"] = key
-                references = references_of(s)
-                if references is not None:
-                    row["reference"] = references[0]
-                    if len(references) > 1:
-                        row["references"] = references
-                    if s.get("answer_type"):
-                        row["answer_type"] = s["answer_type"]
+                    row["key"] = key  # the resume key, when ids repeat
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 written += 1
             f.flush()

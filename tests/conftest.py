@@ -1,11 +1,26 @@
 """Shared test fixtures."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_dir(tmp_path_factory):
+    """`demo:` resources (nvila_ft.demo) are built once per session in a temporary folder, never in the home
+    cache; subprocesses (tests/test_examples.py) inherit it."""
+    folder = tmp_path_factory.mktemp("demo")
+    before = os.environ.get("NVILA_FT_DEMO_DIR")
+    os.environ["NVILA_FT_DEMO_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("NVILA_FT_DEMO_DIR", None)
+    else:
+        os.environ["NVILA_FT_DEMO_DIR"] = before
 
 
 @pytest.fixture(scope="module")

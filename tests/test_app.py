@@ -1,4 +1,4 @@
-"""Tests of the preview app's functions (app/previewer.py) on two real tiny fine-tuned runs (conftest `tiny_runs`).
+"""Tests of the preview app's functions (app/previewer.py, app/media.py) on two real tiny fine-tuned runs (conftest `tiny_runs`).
 
     /work/venv/bin/pytest tests/test_app.py -q
 
@@ -20,16 +20,8 @@ import torch
 from PIL import Image
 
 from app.app import main, parse_args
-from app.previewer import (
-    BASE,
-    Previewer,
-    UploadError,
-    check_upload,
-    denormalize,
-    find_runs,
-    stream_answer,
-    tile_preview,
-)
+from app.media import UploadError, check_upload, denormalize, tile_preview
+from app.previewer import BASE, Previewer, find_runs, stream_answer
 from nvila_ft.inference import RunError, generate, load_model, prepare_inputs
 from nvila_ft.model.image_processing import tile_image
 from nvila_ft.model.modeling import NvilaForConditionalGeneration

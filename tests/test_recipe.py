@@ -44,7 +44,9 @@ def test_shipped_recipe_values() -> None:
     assert medical.data.path == "flaviagiammarino/vqa-rad" and medical.data.format == "auto"
     assert medical.train.num_train_epochs == 3 and medical.train.gradient_checkpointing.llm
     quick = load_recipe(RECIPES / "quickstart.yaml")
-    assert quick.model.path == "runs/quickstart/tiny-nvila"  # relative paths are kept as typed
+    assert (quick.model.path, quick.data.path) == ("demo:tiny-nvila", "demo:medical")  # built on first use
+    relative = load_recipe(RECIPES / "quickstart.yaml", ["model.path=runs/quickstart/tiny-nvila"])
+    assert relative.model.path == "runs/quickstart/tiny-nvila"  # relative paths are kept as typed
     assert quick.train.mixed_precision == "no" and quick.train.max_steps > 0
     assert not quick.train.gradient_checkpointing.llm and quick.model.dtype == "float32"
 

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from nvila_ft.data import load_split
+from nvila_ft.demo import is_demo_path
 from nvila_ft.metrics import METRICS, compute_metric
 from nvila_ft.train.recipe_io import load_recipe
 
@@ -40,7 +41,9 @@ def test_recipe_validates_and_its_header_says_what_it_needs(path):
     assert text, f"{path.name}: no header comment"
     assert f"nvila_ft.train recipes/{path.name}" in text  # the launch command
     assert recipe.eval.metric in METRICS
-    if recipe.model.tiny_variant is None:
+    if is_demo_path(recipe.model.path):  # the offline demos: demo data too, and the header says how to get it
+        assert is_demo_path(recipe.data.path) and '".[demo' in text
+    else:
         assert f"Metric: {recipe.eval.metric}" in text
         assert recipe.model.path in CHECKPOINTS and "24 GB" in text  # a real checkpoint that fits 24 GB
         assert recipe.data.path in text or recipe.data.path.startswith("data/")  # the dataset is named

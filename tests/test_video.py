@@ -397,7 +397,7 @@ def test_short_video_fine_tuning_loss_falls(tiny, tmp_path):
             for name in ("carphone_distorted", "bikes")]
     (data / "train.json").write_text(json.dumps(rows))
     recipe = load_recipe(RECIPES / "video_qa_tiny.yaml", [
-        f"model.path={tiny.path}", f"data.path={data}", "data.builtin=null", "data.eval_split=null",
+        f"model.path={tiny.path}", f"data.path={data}", "data.eval_split=null",
         "eval.enabled=false", f"train.output_dir={tmp_path / 'out'}", f"data.video_cache_dir={tmp_path / 'cache'}",
         "model.num_video_frames=4", "model.temporal_pool=[4,1,1]", "train.max_steps=20", "train.lr=5e-3",
         "train.logging_steps=1", "train.save_steps=20", "train.seed=0", "train.warmup_ratio=0",

@@ -27,6 +27,8 @@ from nvila_ft.data.hf import load_hf
 from nvila_ft.data.llava import load_llava
 from nvila_ft.data.rows import DataError
 from nvila_ft.data.vqa_rad import load_vqa_rad
+from nvila_ft.demo import DemoError, is_demo_path
+from nvila_ft.demo import resolve as resolve_demo
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ def load_samples(
         path: A LLaVA-style `.json`/`.jsonl` file, a folder holding `<split>.json`/`<split>.jsonl`, a
             VQA-RAD MEVF folder (`trainset.json`, `testset.json`, `images/`), a folder written by
             `datasets.save_to_disk`, a local data folder or file (`.parquet`, `.csv`, `.arrow`) or a
-            Hugging Face Hub dataset id.
+            Hugging Face Hub dataset id, or a demo set (`demo:medical`, `demo:video`: built on first use,
+            see :func:`nvila_ft.demo.resolve`).
         split: Split name, e.g. "train" or "test" (VQA-RAD: "train" -> trainset.json, "test" -> testset.json;
             ignored for a single LLaVA file).
         format: One of "auto", "llava", "vqa_rad", "hf". "auto" picks vqa_rad for a folder with
@@ -82,10 +85,15 @@ def load_samples(
 
     Raises:
         DataError: If the format is unknown, the file or split is missing or unreadable, a needed column
-            is missing, or the split has no rows.
+            is missing, the split has no rows, or a demo set cannot be built (unknown name, extra missing).
     """
     if format not in FORMATS:
         raise DataError(f"data format {format!r} is not supported; choose one of {FORMATS}.")
+    if is_demo_path(path):
+        try:
+            path = resolve_demo(path, "data")
+        except DemoError as err:
+            raise DataError(str(err)) from None
     path = os.path.expanduser(os.fspath(path))
     if format == "auto":
         format = detect_format(path, split)

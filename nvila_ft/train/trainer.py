@@ -254,23 +254,19 @@ class TrainingRun:
 
     # -- setup
     def bootstrap(self) -> None:
-        """Builds the tiny checkpoint / quickstart data when the recipe asks for them and they are missing."""
-        m, d = self.recipe.model, self.recipe.data
-        if m.tiny_variant and not Path(m.path).exists():
-            from nvila_ft.demo.tiny import build_tiny_checkpoint
+        """Builds the `demo:` checkpoint / data set the recipe names (`nvila_ft.demo.resolve`), if not built yet.
 
-            logger.info("building tiny %s checkpoint at %s (model.tiny_variant)", m.tiny_variant, m.path)
-            build_tiny_checkpoint(m.path, variant=m.tiny_variant, seed=0)
-        if d.builtin == "quickstart" and not Path(d.path).exists() and self.given_samples[0] is None:
-            from nvila_ft.demo.medical import build_quickstart_dataset
+        The model and data loaders resolve `demo:` paths themselves; doing it first only puts the build (and
+        where it went) at the top of the log, before the memory plan. Other paths are left to the loaders.
+        """
+        from nvila_ft.demo import is_demo_path, resolve
 
-            logger.info("building the quickstart medical set at %s (data.builtin)", d.path)
-            build_quickstart_dataset(d.path)
-        if d.builtin == "video_quickstart" and not Path(d.path).exists():
-            from nvila_ft.demo.video import build_video_quickstart_dataset
-
-            logger.info("building the video quickstart set at %s (data.builtin)", d.path)
-            build_video_quickstart_dataset(d.path)
+        wanted = [(self.recipe.model.path, "checkpoint")]
+        if self.given_samples[0] is None:  # Python API samples replace data.path
+            wanted.append((self.recipe.data.path, "data"))
+        for path, kind in wanted:
+            if is_demo_path(path):
+                resolve(path, kind)
 
     def load_model(self):
         m, tune, train = self.recipe.model, self.recipe.tune, self.recipe.train
