@@ -30,6 +30,18 @@ def _metrics_table(metrics: dict) -> list[str]:
     return ["| metric | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows]]
 
 
+def _prune_line(prune, stats: dict | None) -> list[str]:
+    """The card's pruning line (`data.prune`, rows before and after from metrics.json), or none."""
+    if not prune.enabled:
+        return []
+    how = "DeltaLoss (NVILA paper), top" if prune.method == "deltaloss" else "random baseline,"
+    line = (f"- Pruning: {how} {prune.keep:g} of each subset" + (f" by `{prune.by}`" if prune.by else "")
+            + (f", scores `{prune.scores}`" if prune.scores else ""))
+    if stats:
+        line += f"; {stats['rows_before']} -> {stats['rows_after']} train rows"
+    return [line]
+
+
 def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None = None,
                       eval_samples: int | None = None, data_source: str | None = None,
                       metric: str | None = None, steps: int | None = None) -> str:
@@ -93,6 +105,7 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
         f"- Source: {data_source or f'`{d.path}` (format {d.format})'}",
         f"- Splits: train `{d.train_split}`, eval `{d.eval_split}`" + (f"; samples used: {counts}" if counts else ""),
         f"- Bad rows: {d.on_bad_row}; max length {d.max_length} tokens",
+        *_prune_line(d.prune, metrics.get("prune")),
         "",
         f"## Evaluation ({metric or e.metric}, greedy, max {e.max_new_tokens} new tokens)",
         "",

@@ -310,9 +310,15 @@ class TrainingRun:
         given_train, given_eval = self.given_samples
         limit = self.recipe.eval.max_samples or d.max_eval_samples
         if given_train is not None:
-            self.train_samples = check_samples(self.recipe, self.processor, given_train[: d.max_train_samples], "train")
+            train = given_train[: d.max_train_samples]
         else:
-            self.train_samples = prepare_data(self.recipe, self.processor, d.train_split, d.max_train_samples)
+            train = load_split(d, d.train_split, d.max_train_samples)
+        self.prune_stats = None
+        if d.prune.enabled:  # DeltaLoss / random pruning (nvila_ft.data.prune), before the preflight checks rows
+            from nvila_ft.data.prune import prune_samples
+
+            train, self.prune_stats = prune_samples(train, d.prune, seed=self.recipe.train.seed)
+        self.train_samples = check_samples(self.recipe, self.processor, train, "train")
         if not self.train_samples:
             raise RuntimeError(f"{d.path}: no usable training rows in split {d.train_split!r}")
         self.eval_samples = []
@@ -393,6 +399,8 @@ class TrainingRun:
         result = self.trainer.train(resume_from_checkpoint=resume)
         self.trainer.save_model(str(self.output_dir))
         metrics = {"train": {k: v for k, v in result.metrics.items()}, "train_samples": len(self.train_samples)}
+        if getattr(self, "prune_stats", None):
+            metrics["prune"] = self.prune_stats
         eval_metrics = self.evaluate("final")
         if eval_metrics:
             metrics["eval"] = eval_metrics
