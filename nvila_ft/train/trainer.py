@@ -3,7 +3,7 @@
     accelerate launch -m nvila_ft.train recipes/medical.yaml [key=value ...]
     python -m nvila_ft.train recipes/quickstart.yaml train.max_steps=10
 
-Steps: recipe -> checkpoint (+ tiny/quickstart bootstrap) -> data + preflight -> per-part tuning ->
+Steps: recipe -> checkpoint (hub id, folder or demo:<name>) -> data + preflight -> per-part tuning ->
 `transformers.Trainer` (resumable checkpoints, TensorBoard) -> adapter + non-LoRA trainables ->
 VQA evaluation -> `metrics.json`.
 """
@@ -216,7 +216,7 @@ def run_info(recipe: Recipe) -> dict:
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    pkgs = ["nvila-ft", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes"]
+    pkgs = ["nvila-ft", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes"]
     versions = {}
     for p in pkgs:
         try:
