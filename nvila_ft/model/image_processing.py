@@ -101,7 +101,7 @@ def _cut_tiles(image: Image.Image, cols: int, rows: int, tile: int) -> list[Imag
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An 8-bit RGB version of any PIL image, as a person would see it.
+    """An 8-bit RGB copy of any PIL image, as a person would see it (loaded: independent of the source file).
 
     - 8-bit modes without alpha (RGB, L, P, 1, CMYK, YCbCr, ...): `convert("RGB")`, what NVIDIA's preprocessing
       does (so the pixels equal the official pipeline's).
@@ -116,7 +116,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     mode = image.mode
     if mode == "RGB":
-        return image
+        return image.copy()  # like convert: a loaded image of its own, usable after the source file is closed
     if mode.startswith("I;16") or mode in ("I", "F"):
         pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         low, high = float(pixels.min()), float(pixels.max())
