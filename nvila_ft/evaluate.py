@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from nvila_ft.data.rows import DataError
 from nvila_ft.metrics import compute_metric
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,10 @@ def generate_answers(
                                              sample_id=s.get("id"), videos=s.get("videos", [])))
                 except Exception as err:  # noqa: BLE001 - one bad row is reported, not fatal, under "skip"
                     if on_bad_row != "skip":
-                        raise
+                        where, fix = f"{s.get('source')}[{s.get('index')}] id={s.get('id')}", "fix the row or skip it"
+                        if isinstance(err, FileNotFoundError):  # keeps its type: callers catch missing files
+                            raise FileNotFoundError(err.errno, f"{where}: {err.strerror}; {fix}", err.filename) from err
+                        raise DataError(f"{where}: {err}; {fix} (on_bad_row=skip)") from err
                     logger.error("skipping %s[%s] id=%s: %s", s.get("source"), s.get("index"), s.get("id"), err)
                     encoded.append(None)
             good = [e for e in encoded if e is not None]

@@ -100,7 +100,7 @@ def predict(
     bad: list[tuple[str, str]] = []
     written = 0
     bar = tqdm(total=len(todo), desc="predict", unit="row", disable=not progress)
-    with open(out, "a", encoding="utf-8") as f:
+    with bar, open(out, "a", encoding="utf-8") as f:  # the bar ends its line even when a row stops the run
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             usable = []

@@ -19,7 +19,8 @@ def assert_user_error(capsys, code: int, *needles: str) -> str:
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
-    line = next(text for text in err.splitlines() if text.startswith("error: "))
+    line = next((text for text in err.splitlines() if text.startswith("error: ")), None)
+    assert line is not None, err
     for needle in needles:
         assert needle in err, (needle, err)
     return line
