@@ -341,6 +341,9 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(trained, resumed):
     )
     a, b = trained_copies(trained.out), trained_copies(resumed.out)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # In fact bit-identical: peft's load_adapter copies the saved fp32 copies into the trained parameters.
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(resumed.run.trainer.state.log_history) == losses(trained.run.trainer.state.log_history)
 
 
 def test_latest_checkpoint_skips_half_written_folders(tmp_path):
