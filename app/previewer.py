@@ -9,7 +9,7 @@
 Everything the page can choose is a *label* from lists built here at start-up (bases, runs found under
 `runs_dir` or passed with `--run`); a label is never used as a path, so the page cannot make the server
 read an arbitrary file. One base model is loaded per base checkpoint and kept; the runs on it are
-switched with :class:`nvila_ft.inference.AdapterBank` (PEFT adapters + non-LoRA trainables), never by
+switched with :class:`nvila_ft.inference.AdapterBank` (peft adapters: LoRA + trained projector/LayerNorm copies), never by
 reloading the base. All generation goes through one lock: the base and tuned answers come from the same
 model object with different runs activated, so two generations must never overlap.
 """

@@ -63,7 +63,7 @@ def train(
 
     Returns:
         The finished :class:`~nvila_ft.train.TrainingRun`: `.metrics` (also in `metrics.json`), `.output_dir`
-        (adapter, non-LoRA trainables, model card), `.model`, `.processor`.
+        (peft adapter, model card), `.model`, `.processor`.
     """
     from nvila_ft.train.trainer import TrainingRun
 

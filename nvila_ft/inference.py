@@ -2,13 +2,14 @@
 
     from nvila_ft.inference import load_model, generate
 
-    model, processor = load_model("runs/medical")        # run folder: base + adapter + non-LoRA trainables
+    model, processor = load_model("runs/medical")        # run folder: base + peft adapter
     print(generate(model, processor, "scan.png", "Is there a fracture?"))
 
 A *run folder* is what `nvila_ft.train` writes to `train.output_dir` (or one of its `checkpoint-<step>`
-folders): `adapter_config.json` + `adapter_model.safetensors` (PEFT LoRA, when a part used LoRA),
-`non_lora_trainables.safetensors` (projector, vision LayerNorms, anything trained in full),
-`processor_config.json`, `recipe.yaml` and `run_info.json` (which record the base checkpoint).
+folders): `adapter_config.json` + `adapter_model.safetensors` (the peft adapter: LoRA weights and the copies of
+the parts trained in full, projector and vision LayerNorms by default, as `modules_to_save`),
+`processor_config.json`, `recipe.yaml` and `run_info.json` (which record the base checkpoint). Run folders of
+earlier versions kept the parts trained in full in `non_lora_trainables.safetensors`; they still load.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from nvila_ft.model.modeling import NvilaForConditionalGeneration
 from nvila_ft.model.processing import PROCESSOR_CONFIG, NvilaProcessor
 from nvila_ft.train.recipe import Recipe
 from nvila_ft.train.recipe_io import load_recipe
-from nvila_ft.train.tuning import NON_LORA_FILE, base_model, read_non_lora
+from nvila_ft.train.tuning import NON_LORA_FILE, load_non_lora
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class RunError(ValueError):
 
 
 def is_run(path: str | os.PathLike) -> bool:
-    """True when `path` is a folder holding trained weights (PEFT adapter or non-LoRA trainables)."""
+    """True when `path` is a folder holding trained weights (a peft adapter, or the `non_lora_trainables.safetensors`
+    of an official export or an earlier version's run)."""
     folder = Path(path)
     return folder.is_dir() and any((folder / f).is_file() for f in RUN_FILES)
 
@@ -128,8 +130,9 @@ def load_model(
         adapter_name: name of the run's LoRA adapter inside the returned `PeftModel`.
 
     Returns:
-        (model, processor): `model` is an :class:`NvilaForConditionalGeneration`, or a `peft.PeftModel` around
-        one when the run has a LoRA adapter; the run's non-LoRA trainables are loaded into it.
+        (model, processor): `model` is an :class:`NvilaForConditionalGeneration` for a checkpoint, a
+        `peft.PeftModel` around one for a run (its adapter active: LoRA and trained copies of the projector /
+        vision LayerNorms; `with model.disable_adapter():` gives the base).
 
     Raises:
         RunError: a run folder without recipe or with a base that cannot be found.
@@ -162,33 +165,34 @@ def load_model(
 
 
 def attach_run(model: torch.nn.Module, run_dir: str | os.PathLike, adapter_name: str = "default") -> torch.nn.Module:
-    """Adds a run's LoRA adapter (as `adapter_name`) and loads its non-LoRA trainables into `model`.
+    """Adds a run's peft adapter (LoRA + trained copies, as `adapter_name`) to `model` and makes it active.
 
-    Returns the `PeftModel` (or `model` itself for a run without LoRA). Loading a second run's non-LoRA
-    trainables overwrites the first's; use :class:`AdapterBank` to switch between runs on one base.
+    Returns the `PeftModel`. A folder with `non_lora_trainables.safetensors` (an official export, or a run of an
+    earlier version) has those tensors copied into the base weights instead, which then hold for every adapter;
+    :class:`AdapterBank` refuses such folders.
     """
     from peft import PeftModel
-
-    from nvila_ft.train.tuning import load_non_lora
 
     folder = Path(run_dir)
     if (folder / ADAPTER_CONFIG).is_file():
         if isinstance(model, PeftModel):
             model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=False)
-            model.set_adapter(adapter_name)
+            model.set_adapter(adapter_name, inference_mode=True)
         else:
             model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=False)
-    loaded = load_non_lora(model, folder)
-    logger.info("%s: adapter %s, %d non-LoRA tensors", folder, (folder / ADAPTER_CONFIG).is_file(), len(loaded))
+    legacy = load_non_lora(model, folder)
+    if legacy:
+        logger.warning("%s: %d tensors of %s copied into the base weights (earlier run layout or official export)",
+                       folder, len(legacy), NON_LORA_FILE)
     return model
 
 
 class AdapterBank:
     """Several fine-tuned runs on one base model, switched without reloading the base.
 
-    LoRA adapters are switched with PEFT (`set_adapter`, or adapter layers disabled for the base); the
-    non-LoRA trainables of each run (projector, vision LayerNorms) are kept on the CPU and copied into the
-    model on :meth:`activate`, with the base's own values restored for `None`.
+    Each run is a peft adapter on the one `PeftModel` (its LoRA weights and its own copies of the projector /
+    vision LayerNorms, peft `modules_to_save`); :meth:`activate` is peft's `set_adapter`, and `None` disables
+    every adapter (LoRA and copies), which gives the base model's outputs.
 
         bank = AdapterBank(base_model)              # an NvilaForConditionalGeneration
         bank.add("runs/medical", "medical"); bank.add("runs/pathology", "pathology")
@@ -198,33 +202,35 @@ class AdapterBank:
     def __init__(self, model: NvilaForConditionalGeneration):
         self.model: torch.nn.Module = model
         self.runs: dict[str, Path] = {}
-        self._states: dict[str, dict[str, torch.Tensor]] = {}
-        self._base_state: dict[str, torch.Tensor] = {}
         self.active: str | None = None
 
     def add(self, run_dir: str | os.PathLike, name: str | None = None) -> str:
-        """Registers a run (its adapter is loaded into the PEFT model now). Returns its name."""
+        """Registers a run (its adapter is loaded into the PEFT model now). Returns its name.
+
+        Raises:
+            RunError: not a run folder; a folder with `non_lora_trainables.safetensors` (earlier layout: load it
+                alone with :func:`load_model`); an adapter that does not fit this base model.
+        """
         from peft import PeftModel
 
         folder = Path(run_dir)
         if not is_run(folder):
             raise RunError(f"{folder}: not a run folder (no {ADAPTER_CONFIG} or {NON_LORA_FILE})")
+        if (folder / NON_LORA_FILE).is_file():
+            raise RunError(f"{folder}: {NON_LORA_FILE} (an earlier run layout or an official export) changes the "
+                           "base weights and cannot be switched; load this run alone with nvila_ft.load_model")
         name = name or folder.name
         if name in self.runs:
             return name
-        if (folder / ADAPTER_CONFIG).is_file():
+        try:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name, is_trainable=False)
-        try:
-            state = read_non_lora(self.model, folder)
-        except (KeyError, ValueError) as err:
-            raise RunError(f"{folder}: its non-LoRA trainables do not fit this base model: {err}") from err
-        params = dict(base_model(self.model).named_parameters())
-        for k in state:
-            self._base_state.setdefault(k, params[k].detach().to("cpu", copy=True))
-        self._states[name], self.runs[name] = state, folder
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise RunError(f"{folder}: its adapter does not fit this base model: {err}") from err
+        self.runs[name] = folder
+        self.activate(self.active)  # loading an adapter must not change which one answers
         self.model.eval()
         return name
 
@@ -234,20 +240,12 @@ class AdapterBank:
 
         if name is not None and name not in self.runs:
             raise KeyError(f"unknown run {name!r}; added: {sorted(self.runs)}")
-        params = dict(base_model(self.model).named_parameters())
-        wanted = dict(self._base_state)
-        if name is not None:
-            wanted.update(self._states[name])
-        with torch.no_grad():
-            for k, v in wanted.items():
-                params[k].copy_(v.to(params[k].device, params[k].dtype))
         if isinstance(self.model, PeftModel):
-            lora = self.model.base_model
-            if name is not None and name in self.model.peft_config:
-                lora.enable_adapter_layers()
-                self.model.set_adapter(name)
+            if name is None:
+                self.model.base_model.disable_adapter_layers()  # LoRA layers and modules_to_save copies alike
             else:
-                lora.disable_adapter_layers()
+                self.model.base_model.enable_adapter_layers()
+                self.model.set_adapter(name, inference_mode=True)
         self.active = name
         return self.model
 

@@ -1,6 +1,7 @@
 """Merge a fine-tuned run into a full NVILA checkpoint (official hub layout), LoRA folded into the weights.
 
     python -m nvila_ft.merge runs/medical runs/medical-merged --dtype bf16
+    python -m nvila_ft.merge runs/medical runs/medical-export --non-lora-trainables   # no merge: file export
 
 The result is `config.json` + `llm/` (weights, tokenizer with NVILA's media tokens, chat template) +
 `vision_tower/` (+ `preprocessor_config.json`) + `mm_projector/`, the layout of `Efficient-Large-Model/NVILA-8B`:
@@ -13,6 +14,11 @@ model's), but its LLM weights are not the original bf16 ones (they carry the nf4
 `--qlora-base original` adds the update to the original unquantized weights instead: the base weights are exact,
 but the adapter was learned against the rounded ones, so the merged model differs from the evaluated one;
 re-evaluate it. The choice is printed.
+
+`--non-lora-trainables` (:func:`export_non_lora`) merges nothing: it splits the run's peft adapter into a
+LoRA-only adapter and `non_lora_trainables.safetensors`, the parts trained in full under their official NVILA
+names (`mm_projector.layers.1.weight`, `vision_tower.encoder.layers.0.layer_norm1.weight`), the layout of
+NVILA's own LoRA runs and of this kit's run folders before peft `modules_to_save`.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from nvila_ft.cli_errors import user_errors
 from nvila_ft.model.checkpoint import DTYPES
 from nvila_ft.model.media import MediaConfig
+from nvila_ft.train.tuning import NON_LORA_FILE
 
 logger = logging.getLogger("nvila_ft.merge")
 
@@ -87,7 +95,7 @@ def merge(
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not is_run(run_dir):
-        raise MergeError(f"{run_dir}: not a run folder (no adapter_config.json or non_lora_trainables.safetensors); "
+        raise MergeError(f"{run_dir}: not a run folder (no adapter_config.json or {NON_LORA_FILE}); "
                          "a plain checkpoint has nothing to merge")
     if dtype not in DTYPE_NAMES:
         raise MergeError(f"dtype {dtype!r}: choose one of bf16, fp16, fp32")
@@ -113,7 +121,7 @@ def merge(
         logger.warning(note.format(dtype=torch_dtype))
     model = attach_run(model, run_dir)
     if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
+        model = model.merge_and_unload()  # LoRA folded in; each modules_to_save wrapper replaced by its trained copy
     model.to(torch_dtype)
 
     # The run's media config (tiling, video sampling and pooling) becomes the checkpoint's, so the merged model is
@@ -126,6 +134,50 @@ def merge(
     model.config.model_dtype = f"torch.{DTYPE_NAMES[dtype]}"
     model.save_pretrained(out_dir)
     logger.info("merged %s into %s -> %s (%s)", run_dir, checkpoint, out_dir, torch_dtype)
+    return out_dir
+
+
+def export_non_lora(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Writes a run as a LoRA-only peft adapter + `non_lora_trainables.safetensors` (official names); no merge.
+
+    Only files are read and written (no model is loaded): the adapter's `modules_to_save` tensors go to
+    `non_lora_trainables.safetensors` under the checkpoint's names, its LoRA tensors stay in
+    `adapter_model.safetensors` (left out when no part used LoRA), and `adapter_config.json` loses
+    `modules_to_save`. The run's other files (recipe, processor settings, tokenizer) are copied, so
+    `nvila_ft.load_model(out_dir)` loads it (the tensors then go into the base weights).
+
+    Returns:
+        The output folder.
+
+    Raises:
+        MergeError: not a run folder with a peft adapter, or `out_dir` overlaps it.
+    """
+    from safetensors.torch import load_file, save_file
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config_path, weights_path = run_dir / "adapter_config.json", run_dir / "adapter_model.safetensors"
+    if not (config_path.is_file() and weights_path.is_file()):
+        raise MergeError(f"{run_dir}: no adapter_config.json + adapter_model.safetensors to export")
+    _check_paths(run_dir, out_dir, str(run_dir))
+    config = json.loads(config_path.read_text())
+    tensors = load_file(weights_path)
+    lora = {k: v for k, v in tensors.items() if "lora_" in k}
+    non_lora = {k.removeprefix("base_model.model."): v for k, v in tensors.items() if "lora_" not in k}
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in run_dir.iterdir():
+        if item.is_file() and item.name not in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(item, tmp / item.name)
+    if lora:
+        config["modules_to_save"] = None
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(lora, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_file(non_lora, tmp / NON_LORA_FILE, metadata={"format": "pt"})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    logger.info("exported %s -> %s: %d LoRA tensors, %d in %s", run_dir, out_dir, len(lora), len(non_lora),
+                NON_LORA_FILE)
     return out_dir
 
 
@@ -145,10 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qlora-base", default="dequantized", choices=QLORA_BASES,
                         help="QLoRA runs: merge into the dequantized nf4 weights (default: same outputs as the "
                         "trained model) or the original weights")
+    parser.add_argument("--non-lora-trainables", action="store_true",
+                        help=f"no merge: write a LoRA-only adapter + {NON_LORA_FILE} (official names) to OUT_DIR")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from nvila_ft.inference import RunError
 
+    if args.non_lora_trainables:
+        try:
+            out = export_non_lora(args.run_dir, args.out_dir)
+        except MergeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {out} (adapter without modules_to_save, {NON_LORA_FILE})")
+        return 0
     try:
         out = merge(args.run_dir, args.out_dir, dtype=args.dtype, base=args.base, device=args.device,
                     qlora_base=args.qlora_base)

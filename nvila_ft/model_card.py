@@ -129,8 +129,9 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
         "",
         "## Files",
         "",
-        "`adapter_config.json` + `adapter_model.safetensors` (PEFT LoRA), `non_lora_trainables.safetensors` "
-        "(projector, vision LayerNorms, parts trained in full), `processor_config.json` and tokenizer files, "
+        "`adapter_config.json` + `adapter_model.safetensors` (the peft adapter: LoRA weights and, as "
+        "`modules_to_save`, the projector, vision LayerNorms and parts trained in full), `processor_config.json` "
+        "and tokenizer files, "
         "`recipe.yaml` (the full resolved recipe: `python -m nvila_ft.train recipe.yaml` reruns it), "
         "`run_info.json` (package versions, git commit), `metrics.json`, `predictions_final.jsonl`.",
         "",

@@ -12,9 +12,10 @@ import torch
 from conftest import train_tiny_run
 from safetensors import safe_open
 
-from nvila_ft.inference import load_model
-from nvila_ft.merge import MergeError, main, merge
+from nvila_ft.inference import AdapterBank, RunError, load_model
+from nvila_ft.merge import MergeError, export_non_lora, main, merge
 from nvila_ft.model.modeling import NvilaForConditionalGeneration
+from nvila_ft.train.tuning import NON_LORA_FILE, non_lora_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,6 +50,39 @@ def test_merged_checkpoint_gives_the_adapter_models_logits(tiny_run, merged_fp32
     torch.testing.assert_close(logits(merged, batch), logits(adapter, batch), rtol=1e-4, atol=1e-4)
     base = NvilaForConditionalGeneration.from_pretrained(tiny_run.recipe.model.path, dtype=torch.float32)
     assert (logits(base, batch) - logits(merged, batch)).abs().max() > 1e-2  # the merge changed the model
+
+
+def test_merged_projector_and_layernorms_are_the_trained_copies(tiny_run, merged_fp32):
+    trained = non_lora_state_dict(tiny_run.model)  # the run's modules_to_save copies, official names
+    merged = dict(NvilaForConditionalGeneration.from_pretrained(merged_fp32, dtype=torch.float32).named_parameters())
+    base = dict(NvilaForConditionalGeneration.from_pretrained(tiny_run.recipe.model.path,
+                                                               dtype=torch.float32).named_parameters())
+    assert trained and any(k.startswith("mm_projector.") for k in trained)
+    for name, value in trained.items():
+        assert torch.equal(merged[name], value.float()), name
+        assert not torch.equal(merged[name], base[name]), name
+
+
+def test_non_lora_export_writes_the_official_layout_and_loads_to_the_same_model(tiny_run, tmp_path):
+    out = export_non_lora(tiny_run.output_dir, tmp_path / "export")
+
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["modules_to_save"] is None and adapter["target_modules"]
+    assert all("lora_" in k for k in dtypes(out / "adapter_model.safetensors"))
+    with safe_open(out / NON_LORA_FILE, "pt") as f:
+        exported = {k: f.get_tensor(k) for k in f.keys()}
+    trained = non_lora_state_dict(tiny_run.model)
+    assert set(exported) == set(trained)  # official names: mm_projector.layers.1.weight, ...
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    batch = batch_of(tiny_run)
+    run_model, _ = load_model(tiny_run.output_dir, dtype="float32", device="cpu")
+    exported_model, _ = load_model(out, dtype="float32", device="cpu")  # the earlier run layout still loads
+    torch.testing.assert_close(logits(exported_model, batch), logits(run_model, batch), rtol=0, atol=0)
+    bank = AdapterBank(NvilaForConditionalGeneration.from_pretrained(tiny_run.recipe.model.path))
+    with pytest.raises(RunError, match="cannot be switched"):
+        bank.add(out)
+    assert main([str(tiny_run.output_dir), str(tmp_path / "cli"), "--non-lora-trainables"]) == 0
+    assert (tmp_path / "cli" / NON_LORA_FILE).is_file() and (tmp_path / "cli" / "recipe.yaml").is_file()
 
 
 def test_merged_folder_has_the_official_layout(tiny_run, merged_fp32):

@@ -71,12 +71,15 @@ def test_nf4_bytes_match_bitsandbytes_storage():
         assert nf4_bytes(192 * 320, double_quant) == sum(t.numel() * t.element_size() for t in tensors)
 
 
-@pytest.mark.parametrize("llm_mode,dtype", [("lora", "float32"), ("qlora", "float32"), ("qlora", "bfloat16")])
+@pytest.mark.parametrize("llm_mode,dtype", [("lora", "float32"), ("qlora", "float32"), ("qlora", "bfloat16"),
+                                            ("full", "bfloat16")])
 def test_state_terms_equal_the_loaded_model(tiny, tmp_path, llm_mode, dtype):
     """Weights, gradients and AdamW states of the tiny model, loaded and stepped as training does
     (bf16 QLoRA: the frozen embeddings, lm_head and norms in bf16 next to the nf4 Linear weights)."""
+    # llm full + vision_tower full: peft modules_to_save copies, their originals released as training does.
+    full = ["tune.vision_tower=full"] if llm_mode == "full" else []
     recipe = load_recipe(QUICKSTART, [f"model.path={tiny}", f"tune.llm={llm_mode}", "train.mixed_precision=bf16",
-                                      f"train.output_dir={tmp_path}", f"model.dtype={dtype}"])
+                                      f"train.output_dir={tmp_path}", f"model.dtype={dtype}", *full])
     plan = plan_recipe(recipe)
     run = TrainingRun(recipe)
     model, _ = run.load_model()

@@ -30,7 +30,7 @@ from nvila_ft.train.cli import main
 from nvila_ft.train.recipe import Recipe
 from nvila_ft.train.recipe_io import load_recipe
 from nvila_ft.train.trainer import TrainingRun, latest_checkpoint
-from nvila_ft.train.tuning import NON_LORA_FILE, base_model, load_non_lora, non_lora_state_dict
+from nvila_ft.train.tuning import base_model, non_lora_state_dict
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 SMALL = [  # pinned here, not taken from quickstart.yaml, because the tests below rely on them
@@ -141,11 +141,11 @@ def resumed(assets) -> SimpleNamespace:
     with pytest.raises(Interrupted):
         RecordingRun(recipe(assets, out), [InterruptAfter(5)]).run()
     after_crash = sorted(p.name for p in out.glob("checkpoint-*"))
-    saved = load_file(out / "checkpoint-4" / NON_LORA_FILE)
+    saved = trained_copies(out / "checkpoint-4")
     # A save killed half-way: weights written, trainer_state.json (written last) missing.
     half = out / "checkpoint-6"
     half.mkdir()
-    for name in ("adapter_config.json", "adapter_model.safetensors", NON_LORA_FILE):
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(out / "checkpoint-4" / name, half / name)
     state_at_4 = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
 
@@ -161,6 +161,12 @@ def resumed(assets) -> SimpleNamespace:
         saved_at_4=saved,
         state_at_4=state_at_4,
     )
+
+
+def trained_copies(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors trained in full (peft modules_to_save copies) in a run's adapter file, by official name."""
+    tensors = load_file(folder / "adapter_model.safetensors")
+    return {k.removeprefix("base_model.model."): v for k, v in tensors.items() if "lora_" not in k}
 
 
 def losses(log_history: list[dict]) -> dict[int, float]:
@@ -220,7 +226,6 @@ def test_output_folder_has_adapter_tokenizer_and_run_records(trained):
     for name in (
         "adapter_config.json",
         "adapter_model.safetensors",
-        NON_LORA_FILE,
         "recipe.yaml",
         "run_info.json",
         "metrics.json",
@@ -240,10 +245,12 @@ def test_output_folder_has_adapter_tokenizer_and_run_records(trained):
 
 
 @pytest.mark.slow
-def test_non_lora_file_holds_the_projector_and_used_vision_layernorms_only(trained):
-    tensors = load_file(trained.out / NON_LORA_FILE)
+def test_adapter_file_holds_the_projector_and_used_vision_layernorms_only(trained):
+    tensors = trained_copies(trained.out)
     model = base_model(trained.run.model)
-    projector = {n for n, _ in model.named_parameters() if n.startswith("mm_projector.")}
+    params = {n.replace(".modules_to_save.default.", "."): p for n, p in model.named_parameters()
+              if ".original_module." not in n}  # the trained copies under their official names
+    projector = {n for n in params if n.startswith("mm_projector.")}
     layernorms = {
         f"vision_tower.encoder.layers.{i}.layer_norm{k}.{w}"
         for i in range(N_VISION_LAYERS - 1)
@@ -251,7 +258,8 @@ def test_non_lora_file_holds_the_projector_and_used_vision_layernorms_only(train
         for w in ("weight", "bias")
     }
     assert set(tensors) == projector | layernorms
-    params = dict(model.named_parameters())
+    modules = json.loads((trained.out / "adapter_config.json").read_text())["modules_to_save"]
+    assert sorted(modules) == sorted({"mm_projector"} | {n.rsplit(".", 1)[0] for n in layernorms})
     assert all(torch.equal(v, params[k].detach()) for k, v in tensors.items())  # the final weights
 
 
@@ -275,12 +283,12 @@ def test_checkpoints_are_complete_at_each_save_step(trained):
     assert sorted(p.name for p in trained.out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     for step in (4, 8):
         folder = trained.out / f"checkpoint-{step}"
-        for name in ("adapter_model.safetensors", NON_LORA_FILE, "optimizer.pt", "scheduler.pt"):
+        for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt"):
             assert (folder / name).is_file(), f"checkpoint-{step}/{name}"
         assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
-    final = load_file(trained.out / NON_LORA_FILE)
-    at_4 = load_file(trained.out / "checkpoint-4" / NON_LORA_FILE)
-    at_8 = load_file(trained.out / "checkpoint-8" / NON_LORA_FILE)
+    final = trained_copies(trained.out)
+    at_4 = trained_copies(trained.out / "checkpoint-4")
+    at_8 = trained_copies(trained.out / "checkpoint-8")
     assert all(torch.equal(final[k], at_8[k]) for k in final)
     assert not all(torch.equal(at_4[k], at_8[k]) for k in at_4)  # trained between the two saves
 
@@ -331,8 +339,11 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(trained, resumed):
     assert losses(resumed.run.trainer.state.log_history) == pytest.approx(
         losses(trained.run.trainer.state.log_history), rel=1e-4
     )
-    a, b = load_file(trained.out / NON_LORA_FILE), load_file(resumed.out / NON_LORA_FILE)
+    a, b = trained_copies(trained.out), trained_copies(resumed.out)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # In fact bit-identical: peft's load_adapter copies the saved fp32 copies into the trained parameters.
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(resumed.run.trainer.state.log_history) == losses(trained.run.trainer.state.log_history)
 
 
 def test_latest_checkpoint_skips_half_written_folders(tmp_path):
@@ -358,15 +369,19 @@ def test_saved_run_loads_back_to_the_trained_model(trained, assets):
         base = NvilaForConditionalGeneration.from_pretrained(assets.model, dtype=torch.float32)
         untrained = base(**batch).logits
         model = PeftModel.from_pretrained(base, trained.out).eval()
-        adapter_only = model(**batch).logits
-        loaded = load_non_lora(model, trained.out)
         logits = model(**batch).logits
+        copies = [m for m in model.modules() if type(m).__name__ == "ModulesToSaveWrapper"]
+        for m in copies:  # LoRA alone: the trained projector / LayerNorm copies bypassed
+            m.enable_adapters(False)
+        lora_only = model(**batch).logits
 
-    assert set(loaded) == set(load_file(trained.out / NON_LORA_FILE))
+    saved = trained_copies(trained.out)
+    assert set(non_lora_state_dict(model)) == set(saved) and len(copies) == 1 + 2 * (N_VISION_LAYERS - 1)
+    assert all(torch.equal(v, saved[k]) for k, v in non_lora_state_dict(model).items())
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    # Both files matter: training moved the logits, and the adapter alone does not reproduce them.
+    # Both kinds of tensor matter: training moved the logits, and the LoRA weights alone do not reproduce them.
     assert (untrained - expected).abs().max() > 1e-2
-    assert (adapter_only - expected).abs().max() > 1e-2
+    assert (lora_only - expected).abs().max() > 1e-2
 
 
 # ---------------------------------------------------------------------------------------------- CLI / recipe

@@ -17,11 +17,12 @@ from collections import Counter
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nvila_ft.demo.medical import build_quickstart_dataset
 from nvila_ft.demo.tiny import build_tiny_checkpoint
-from nvila_ft.model.modeling import NvilaForConditionalGeneration
+from nvila_ft.model.modeling import NvilaForConditionalGeneration, _compute_param
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.train.recipe import LoraConfig, TrainConfig, TuneConfig
 from nvila_ft.train.tuning import (
@@ -31,7 +32,8 @@ from nvila_ft.train.tuning import (
     load_non_lora,
     non_lora_state_dict,
     param_groups,
-    save_non_lora,
+    release_full_originals,
+    trainable_modules,
     trainable_table,
 )
 
@@ -71,9 +73,14 @@ def load(path) -> NvilaForConditionalGeneration:
     return NvilaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
 
 
+def clean(name: str) -> str:
+    """A parameter name without peft's `modules_to_save.default.` level (the trained copy of a module)."""
+    return name.replace(".modules_to_save.default.", ".")
+
+
 def trainable(model: nn.Module) -> set[str]:
     """Names (without the PEFT prefix) of the parameters with requires_grad."""
-    return {n for n, p in base_model(model).named_parameters() if p.requires_grad}
+    return {clean(n) for n, p in base_model(model).named_parameters() if p.requires_grad}
 
 
 def vision_layer(name: str) -> int | None:
@@ -158,7 +165,8 @@ def test_vision_tower_trains_exactly_the_params_that_get_gradient(checkpoints, b
 
     model(**batches[variant]).loss.backward()
 
-    vision = {n: p for n, p in base_model(model).named_parameters() if n.startswith("vision_tower.")}
+    vision = {clean(n): p for n, p in base_model(model).named_parameters()
+              if n.startswith("vision_tower.") and ".original_module." not in n}
     with_grad = {n for n, p in vision.items() if p.grad is not None and p.grad.abs().sum() > 0}
     trained = {n for n, p in vision.items() if p.requires_grad}
     assert trained == expected_vision(fresh, mode)
@@ -174,7 +182,9 @@ def test_frozen_llm_and_vision_trains_only_the_projector(checkpoints, variant):
 
     model = apply_tuning(load(checkpoints[variant]), tune, LORA)
 
-    assert not isinstance(model, PeftModel)  # no part uses LoRA: no wrapper, no adapter files
+    # No part uses LoRA: still a PeftModel (peft's dummy target), the projector a modules_to_save copy.
+    assert isinstance(model, PeftModel) and model.peft_config["default"].modules_to_save == ["mm_projector"]
+    assert not any("lora_" in n for n, _ in model.named_parameters())
     assert trainable(model) == part_params(fresh, "mm_projector")
 
 
@@ -185,7 +195,7 @@ def test_full_llm_trains_every_llm_param(checkpoints, variant):
 
     model = apply_tuning(load(checkpoints[variant]), tune, LORA)
 
-    assert not isinstance(model, PeftModel)
+    assert isinstance(model, PeftModel) and model.peft_config["default"].modules_to_save == ["llm"]
     assert trainable(model) == part_params(fresh, "llm")
     assert model.llm.get_output_embeddings().weight.requires_grad  # tied or not, the head trains too
 
@@ -265,25 +275,143 @@ def test_trainable_table_counts_each_part(checkpoints):
     assert rows["mm_projector"][1:4] == [f"{projector_total:,}", f"{projector_total:,}", "100.00%"]
 
 
-# ---------------------------------------------------------------------------------------------- non-LoRA file
-def test_save_and_load_non_lora_round_trip_restores_weights_exactly(checkpoints, tmp_path):
+# ---------------------------------------------------------------------------------------------- modules_to_save
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "tune",
+    [TuneConfig(), TuneConfig(llm="frozen", vision_tower="layernorm", mm_projector="frozen"),
+     TuneConfig(vision_tower="full"), TuneConfig(llm="full", vision_tower="lora", mm_projector="frozen"),
+     TuneConfig(llm="frozen", vision_tower="frozen")],
+    ids=["default", "layernorm-only", "vision-full", "llm-full", "projector-only"],
+)
+def test_modules_to_save_are_exactly_the_modules_trained_in_full(checkpoints, variant, tune):
+    fresh = load(checkpoints[variant])
+    used = used_layers(fresh)
+    expected = ["mm_projector"] if tune.mm_projector == "full" else []
+    if tune.llm == "full":
+        expected.append("llm")
+    if tune.vision_tower == "layernorm":
+        expected += [n for n, _ in fresh.named_modules() if re.search(r"\.layer_norm[12]$", n)
+                     and n.startswith("vision_tower.") and vision_layer(n + ".") < used]
+    if tune.vision_tower == "full":
+        expected += [n for n, _ in fresh.named_modules() if n.startswith("vision_tower.") and (
+            n.endswith(".embeddings") or (re.search(r"\.layers\.\d+$", n) and vision_layer(n + ".") < used))]
+
+    model = apply_tuning(load(checkpoints[variant]), tune, LORA)
+
+    assert sorted(model.peft_config["default"].modules_to_save) == sorted(expected) == sorted(
+        trainable_modules(fresh, tune))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules()
+               if type(m).__name__ == "ModulesToSaveWrapper"}
+    assert wrapped == set(expected)
+    # Never an LLM norm (RMSNorm) unless the whole LLM trains; never post_layernorm.
+    assert not any("post_layernorm" in n or (n.startswith("llm.") and "norm" in n) for n in wrapped)
+
+
+def test_inputs_take_the_dtype_of_the_trained_copy_not_of_the_frozen_original(checkpoints):
+    """Under mixed precision training keeps trainables in fp32 beside bf16 frozen weights: the projector's (and a
+    fully trained vision tower's) input must be cast to the dtype of the copy that runs, as before wrapping."""
+    base = NvilaForConditionalGeneration.from_pretrained(checkpoints["nvila"], dtype=torch.bfloat16)
+    model = apply_tuning(base, TuneConfig(vision_tower="full"), LORA)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # as TrainingRun.load_model does under mixed precision
+    inner = model.get_base_model()
+    assert inner._projector_dtype == torch.float32
+    assert _compute_param(inner.vision_tower).dtype == torch.float32  # the embeddings' trained copy
+    assert _compute_param(inner.vision_tower) is inner.vision_tower.embeddings.patch_embedding.weight
+
+
+def _perturb_copies(model: nn.Module, seed: int) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():  # stand-in for training: move every trained copy
+        for n, p in model.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(torch.randn_like(p))
+
+
+def test_adapter_file_holds_the_projector_and_layernorm_copies_and_loads_them_back(checkpoints, tmp_path):
     fresh = load(checkpoints["nvila"])
     model = apply_tuning(load(checkpoints["nvila"]), TuneConfig(), LORA)
-    torch.manual_seed(0)
-    with torch.no_grad():  # stand-in for training: move every non-LoRA trainable
-        for n, p in base_model(model).named_parameters():
-            if p.requires_grad and "lora_" not in n:
-                p.add_(torch.randn_like(p))
-    modified = {k: v.clone() for k, v in non_lora_state_dict(model).items()}
+    _perturb_copies(model, 0)
+    trained = non_lora_state_dict(model)
 
-    path = save_non_lora(model, tmp_path)
-    other = apply_tuning(load(checkpoints["nvila"]), TuneConfig(), LORA)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    other = PeftModel.from_pretrained(load(checkpoints["nvila"]), tmp_path)
+
+    official = vision_layernorms(fresh) | part_params(fresh, "mm_projector")
+    assert {k.removeprefix("base_model.model.") for k in saved if "lora_" not in k} == official == set(trained)
+    assert set(non_lora_state_dict(other)) == official
+    base = dict(fresh.named_parameters())
+    for name, value in non_lora_state_dict(other).items():
+        assert torch.equal(value, trained[name]), name
+        assert not torch.equal(value, base[name]), name
+    with other.disable_adapter():  # the base's own values answer with the adapter disabled
+        originals = {clean(n).replace(".original_module.", "."): p
+                     for n, p in base_model(other).named_parameters() if ".original_module." in n}
+        assert set(originals) == official
+        assert all(torch.equal(p, base[n]) for n, p in originals.items())
+
+
+def test_set_adapter_switches_the_trained_copies(checkpoints, tmp_path, batches):
+    runs = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        model = apply_tuning(load(checkpoints["nvila"]), TuneConfig(llm="frozen"), LORA)
+        _perturb_copies(model, seed)
+        model.save_pretrained(tmp_path / name)
+        runs[name] = model.eval()
+    batch = batches["nvila"]
+    with torch.no_grad():
+        expected = {k: m(**batch).logits for k, m in runs.items()}
+        base_logits = load(checkpoints["nvila"]).eval()(**batch).logits
+        bank = PeftModel.from_pretrained(load(checkpoints["nvila"]), tmp_path / "a", adapter_name="a")
+        bank.load_adapter(tmp_path / "b", adapter_name="b")
+        bank.eval()
+        assert (expected["a"] - expected["b"]).abs().max() > 1e-3
+        for name in ("b", "a", "b"):
+            bank.set_adapter(name)
+            torch.testing.assert_close(bank(**batch).logits, expected[name], rtol=0, atol=0, msg=name)
+        with bank.disable_adapter():
+            torch.testing.assert_close(bank(**batch).logits, base_logits, rtol=0, atol=0)
+
+
+def test_training_releases_the_originals_of_full_parts_only(checkpoints, tmp_path, batches):
+    tune = TuneConfig(llm="full", vision_tower="full")
+    model = apply_tuning(load(checkpoints["nvila"]), tune, LORA)
+    originals = {n: p.numel() * p.element_size() for n, p in base_model(model).named_parameters()
+                 if ".original_module." in n}
+
+    freed = release_full_originals(model, tune)
+
+    full = {n for n in originals if n.startswith(("llm.", "vision_tower."))}
+    assert freed == sum(originals[n] for n in full) > 0
+    left = {n: p.numel() for n, p in base_model(model).named_parameters() if ".original_module." in n}
+    assert {n for n, k in left.items() if k} == set(originals) - full != set()  # the projector's original stays
+    loss = model(**batches["nvila"]).loss
+    loss.backward()  # training runs on the copies alone
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        loaded = PeftModel.from_pretrained(load(checkpoints["nvila"]), tmp_path).eval()
+        torch.testing.assert_close(loaded(**batches["nvila"]).loss, loss.detach(), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- non-LoRA file
+def test_legacy_non_lora_file_loads_into_the_base_weights(checkpoints, tmp_path):
+    """Run folders of earlier versions (and `nvila_ft.merge --non-lora-trainables`) hold the parts trained in
+    full in `non_lora_trainables.safetensors` under official names."""
+    fresh = load(checkpoints["nvila"])
+    source = apply_tuning(load(checkpoints["nvila"]), TuneConfig(), LORA)
+    _perturb_copies(source, 0)
+    modified = non_lora_state_dict(source)
+    save_file(modified, tmp_path / NON_LORA_FILE)
+
+    other = load(checkpoints["nvila"])
     loaded = load_non_lora(other, tmp_path)
 
-    assert path == tmp_path / NON_LORA_FILE
     # Official names (no PEFT prefix), projector + used vision LayerNorms only, no LoRA weights.
     assert set(loaded) == set(modified) == vision_layernorms(fresh) | part_params(fresh, "mm_projector")
-    restored = dict(base_model(other).named_parameters())
+    restored = dict(other.named_parameters())
     for name, value in modified.items():
         assert torch.equal(restored[name], value), name
         assert not torch.equal(restored[name], dict(fresh.named_parameters())[name]), name
@@ -294,7 +422,7 @@ def test_load_non_lora_names_a_tensor_the_model_lacks_and_changes_nothing(checkp
     # has a single layer: the layer-1 tensors have nowhere to go, while the embeddings would fit.
     source = apply_tuning(load(checkpoints["nvila"]), TuneConfig(llm="frozen", vision_tower="full"), LORA)
     (tmp_path / "run").mkdir()
-    save_non_lora(source, tmp_path / "run")
+    save_file(non_lora_state_dict(source), tmp_path / "run" / NON_LORA_FILE)
     target = load(
         build_tiny_checkpoint(tmp_path / "one-layer", variant="nvila", seed=1, vision_num_hidden_layers=1)
     )

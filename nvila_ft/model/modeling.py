@@ -49,6 +49,21 @@ def split_blocks(feature_map: torch.Tensor, rows: int, cols: int) -> torch.Tenso
     return blocks.reshape(rows * cols, bh * bw, c)
 
 
+def _compute_param(module: nn.Module) -> torch.Tensor:
+    """The first parameter `module` computes with, whose dtype and device its input takes.
+
+    A module trained in full is a peft `modules_to_save` wrapper holding the frozen original (`model.dtype`)
+    beside the trained copy (fp32 under mixed precision); the copy is what runs, as the trained parameter
+    itself did before peft wrapped it, so the original is skipped.
+    """
+    first = None
+    for name, p in module.named_parameters():
+        if "original_module." not in name:
+            return p
+        first = first if first is not None else p
+    return first
+
+
 class NvilaForConditionalGeneration(PreTrainedModel):
     """NVILA / NVILA-Lite vision-language model.
 
@@ -144,7 +159,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
 
         `post_layernorm` is not applied (config `mm_vision_select_layer: -2`).
         """
-        param = next(self.vision_tower.parameters())
+        param = _compute_param(self.vision_tower)
         out = self.vision_tower(pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.config.mm_vision_select_layer]
         return feats[:, 1:] if self.config.mm_vision_select_feature == "patch" else feats
@@ -204,7 +219,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
 
     @property
     def _projector_dtype(self) -> torch.dtype:
-        return next(self.mm_projector.parameters()).dtype
+        return _compute_param(self.mm_projector).dtype
 
     def media_embeddings(self, pixel_values: torch.Tensor, block_sizes: BlockSizes = None) -> list[torch.Tensor]:
         """Each image's embeddings as spliced into the LLM input: projected tokens + "\\n" embedding."""

@@ -17,7 +17,7 @@ from nvila_ft.model.configuration import NvilaConfig
 from nvila_ft.model.image_processing import candidate_grids, num_tiles
 from nvila_ft.model.media import MediaConfig, expanded_length
 from nvila_ft.model.projector import SpatialToChannel
-from nvila_ft.train.tuning import base_model, lora_target_names
+from nvila_ft.train.tuning import base_model, is_original, lora_target_names, official_name
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ def _quantized_names(model: nn.Module) -> set[str]:
 
 
 def _strip_peft(name: str) -> str:
-    name = name.removeprefix("base_model.model.")
-    return name.replace(".base_layer.", ".")
+    return official_name(name)
 
 
 def parameter_rows(model: nn.Module, recipe, mixed_precision: str) -> list[ParameterRow]:
@@ -136,6 +135,11 @@ def parameter_rows(model: nn.Module, recipe, mixed_precision: str) -> list[Param
       norms, biases) in `model.dtype`: peft's `prepare_model_for_kbit_training` upcasts them to fp32 and
       training casts the frozen ones back (:func:`nvila_ft.train.undo_kbit_upcast`).
     - LoRA weights in fp32 (peft's `autocast_adapter_dtype`); under mixed precision every trainable in fp32.
+    - Parts trained in full are peft `modules_to_save`: a trainable copy (above) plus the frozen original in
+      `model.dtype`, kept for `disable_adapter()`; priced as its own row, kind `"<dtype> original"`
+      (NVILA-8B in bf16: projector 0.116 GiB, vision LayerNorms < 0.001 GiB). Training empties the originals
+      of whole parts in `full` modes (:func:`nvila_ft.train.tuning.release_full_originals`; they would cost
+      14.2 GiB for `llm: full`, 0.86 GiB for `vision_tower: full`): they cost nothing here.
     - Everything else in `model.dtype`.
 
     Args:
@@ -152,12 +156,16 @@ def parameter_rows(model: nn.Module, recipe, mixed_precision: str) -> list[Param
         clean = _strip_peft(name)
         part = clean.split(".")[0]
         n = p.numel()
+        if n == 0:  # an original emptied by release_full_originals
+            continue
         if "lora_" in clean:
             kind, nbytes = "lora", 4 * n
         elif clean in quantized:
             kind, nbytes = "nf4", nf4_bytes(n)
         elif p.requires_grad and mp != "no":
             kind, nbytes = "float32", 4 * n
+        elif is_original(name):
+            kind, nbytes = f"{recipe.model.dtype} original", base_bytes * n
         else:
             kind, nbytes = recipe.model.dtype, base_bytes * n
         row = rows.setdefault((part, kind), ParameterRow(part, kind, 0, 0))

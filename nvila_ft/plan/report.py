@@ -46,7 +46,7 @@ from nvila_ft.plan.memory import (
     video_sample,
     vision_layer_bytes,
 )
-from nvila_ft.train.tuning import apply_tuning, used_vision_layers
+from nvila_ft.train.tuning import apply_tuning, release_full_originals, used_vision_layers
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def _parameters(path: str, dtype: str, tune: tuple, lora: tuple, mp: str):
     recipe_like = SimpleNamespace(model=SimpleNamespace(dtype=dtype), tune=tune_ns, lora=lora_ns)
     targets = {part: lora_target_short_names(model, part, recipe_like) for part in ("llm", "vision_tower")}
     tuned = apply_tuning(model, tune_ns, lora_ns)
+    release_full_originals(tuned, tune_ns)  # as training does
     rows = parameter_rows(tuned, recipe_like, mp)
     return config, tok_len, source, unwrap(tuned), rows, targets
 

@@ -4,7 +4,7 @@
     python -m nvila_ft.train recipes/quickstart.yaml train.max_steps=10
 
 Steps: recipe -> checkpoint (hub id, folder or demo:<name>) -> data + preflight -> per-part tuning ->
-`transformers.Trainer` (resumable checkpoints, TensorBoard) -> adapter + non-LoRA trainables ->
+`transformers.Trainer` (resumable checkpoints, TensorBoard) -> peft adapter (LoRA + trained copies) ->
 VQA evaluation -> `metrics.json`.
 """
 
@@ -40,9 +40,8 @@ from nvila_ft.train.recipe_io import recipe_to_yaml
 from nvila_ft.train.tuning import (
     apply_tuning,
     base_model,
-    load_non_lora,
     param_groups,
-    save_non_lora,
+    release_full_originals,
     trainable_table,
 )
 
@@ -119,27 +118,10 @@ def _image_size(image) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------- trainer
 class NvilaTrainer(Trainer):
-    """`Trainer` that saves and restores the non-LoRA trainables (projector, vision LayerNorms) next to the
-    PEFT adapter, so that checkpoints and resume cover everything the recipe trains."""
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        model = self.accelerator.unwrap_model(self.model)
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        if hasattr(model, "peft_config"):  # adapter_config.json + adapter_model.safetensors
-            model.save_pretrained(output_dir)
-        save_non_lora(model, output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        model = model or self.model
-        if hasattr(model, "peft_config"):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-        loaded = load_non_lora(model, resume_from_checkpoint)
-        logger.info("resumed %d non-LoRA tensors from %s", len(loaded), resume_from_checkpoint)
+    """`transformers.Trainer` with no overrides: the model is a `PeftModel` whose adapter holds the LoRA weights
+    and the copies of the parts trained in full (peft `modules_to_save`, see
+    :func:`nvila_ft.train.tuning.apply_tuning`), so Trainer's own PEFT save and resume cover everything the
+    recipe trains."""
 
 
 class DenseLog(ProgressCallback):
@@ -297,6 +279,9 @@ class TrainingRun:
                                    video_cache_dir=self.recipe.data.video_cache_dir)
         set_seed(train.seed)  # adapter init (peft draws lora_A from the global RNG) follows train.seed
         model = apply_tuning(model, tune, self.recipe.lora)
+        freed = release_full_originals(model, tune)  # own path for full parts: the frozen originals cost GiBs
+        if freed:
+            logger.info("released %.2f GiB of frozen originals of parts trained in full", freed / 2**30)
         if self.recipe.train.resolved_mixed_precision() != "no":
             # Trainables in fp32 under autocast: AdamW on bf16 weights loses small updates.
             for p in model.parameters():

@@ -2,7 +2,9 @@
 
 The default is the NVILA paper's PEFT recipe (arXiv 2412.04468, "Efficient fine-tuning"): LoRA on the
 LLM, LayerNorm-only tuning of the vision tower with a 5-50x lower learning rate, the projector fully
-trained. LoRA itself is `peft`'s; this module only decides which modules get what.
+trained. LoRA itself is `peft`'s; this module only decides which modules get what. Parts trained in full
+are peft `modules_to_save` (trained copies in the adapter file), so one peft adapter holds everything a run
+trains; `non_lora_trainables.safetensors` is only read (official export, run folders of earlier versions).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.utils import ModulesToSaveWrapper
+from peft.utils.constants import DUMMY_TARGET_MODULES
+from safetensors.torch import load_file
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -86,8 +90,49 @@ def _extra_trainable(model: nn.Module, tune) -> Iterable[tuple[str, nn.Parameter
                 yield name, p
 
 
+def trainable_modules(model: nn.Module, tune) -> list[str]:
+    """Full names of the modules trained in full (not through LoRA): peft's `modules_to_save`.
+
+    The fewest modules whose parameters are exactly those :func:`_extra_trainable` selects: `mm_projector`
+    for `tune.mm_projector: full`; `layer_norm1` / `layer_norm2` of each used SigLIP layer for
+    `tune.vision_tower: layernorm` (never `post_layernorm`, the last layer or any LLM norm: they get no
+    gradient or are not the vision tower's); the embeddings and used layers for `vision_tower: full`;
+    `llm` for `llm: full`. Names are full paths: peft matches a module whose name *ends* with an entry.
+
+    Raises:
+        RuntimeError: a selected parameter would not be covered (a module holding both selected and
+            unselected parameters directly); a bug in the selection, not a user error.
+    """
+    wanted = {n for n, _ in _extra_trainable(model, tune)}
+    names: list[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        params = [prefix + n for n, _ in module.named_parameters()]
+        if not params or not any(p in wanted for p in params):
+            return
+        if all(p in wanted for p in params):
+            names.append(prefix.rstrip("."))
+            return
+        for child_name, child in module.named_children():
+            visit(f"{prefix}{child_name}.", child)
+
+    for child_name, child in model.named_children():
+        visit(f"{child_name}.", child)
+    covered = {f"{m}.{n}" for m in names for n, _ in model.get_submodule(m).named_parameters()}
+    if covered != wanted:
+        raise RuntimeError(f"modules_to_save cannot express the trainables exactly: {sorted(wanted - covered)[:5]}")
+    return names
+
+
 def apply_tuning(model: nn.Module, tune, lora) -> nn.Module:
-    """Freezes/unfreezes parts and adds LoRA adapters per the recipe.
+    """Freezes/unfreezes parts and adds LoRA adapters and trained copies per the recipe, all through peft.
+
+    LoRA goes on the Linear layers :func:`lora_target_names` picks; the parts trained in full (projector,
+    vision LayerNorms, whole parts in `full` modes) become peft `modules_to_save` (:func:`trainable_modules`):
+    peft keeps a trainable copy of each beside the frozen original, saves the copies in the adapter file,
+    restores them with `PeftModel.from_pretrained` / `load_adapter`, switches them with `set_adapter` and
+    bypasses them under `disable_adapter()`. The result is always a `PeftModel`, also when no part uses
+    LoRA (peft's dummy `target_modules`): save, resume and loading then have a single path.
 
     Args:
         model: a loaded :class:`~nvila_ft.model.modeling.NvilaForConditionalGeneration`.
@@ -95,8 +140,8 @@ def apply_tuning(model: nn.Module, tune, lora) -> nn.Module:
         lora: recipe `lora` section (`r`, `alpha`, `dropout`, `target_modules`, `use_dora`).
 
     Returns:
-        A `peft.PeftModel` when any part uses LoRA, else the model; requires_grad is True exactly on
-        the LoRA weights and the parameters trained in full.
+        A `peft.PeftModel` (adapter "default"); requires_grad is True exactly on the LoRA weights and the
+        copies of the modules trained in full. The model itself when nothing is trained.
     """
     model.requires_grad_(False)
     targets = []
@@ -104,24 +149,60 @@ def apply_tuning(model: nn.Module, tune, lora) -> nn.Module:
         targets += lora_target_names(model, "llm", lora.target_modules)
     if tune.vision_tower == "lora":
         targets += lora_target_names(model, "vision_tower", lora.target_modules)
-    extra = [p for _, p in _extra_trainable(model, tune)]
-    if targets:
-        model = get_peft_model(
-            model,
-            PeftLoraConfig(
-                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                use_dora=lora.use_dora, bias="none",
-            ),
-        )
-    for p in extra:
-        p.requires_grad_(True)
-    return model
+    modules = trainable_modules(model, tune)
+    if not targets and not modules:
+        return model
+    return get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora, bias="none",
+            target_modules=targets or DUMMY_TARGET_MODULES, modules_to_save=modules or None,
+        ),
+    )
+
+
+def release_full_originals(model: nn.Module, tune) -> int:
+    """Empties the frozen originals peft keeps beside the trained copies of whole parts (`tune.llm: full`,
+    `tune.vision_tower: full`), for training only.
+
+    Training never runs the base of a part it trains in full, and peft's save and resume touch only the copies;
+    the originals would cost `model.dtype` bytes per parameter of the part: 14.2 GiB for `llm: full` and
+    0.86 GiB for `vision_tower: full` at NVILA-8B in bf16 (`benchmarks/modules_to_save_memory.py`). The
+    small originals of the projector and vision LayerNorms stay, so `disable_adapter()` gives the base model
+    in the default recipes. After this, `disable_adapter()` on a full-mode model fails; runs loaded for
+    inference (`PeftModel.from_pretrained`) keep every original.
+
+    Returns:
+        Bytes freed.
+    """
+    parts = {p for p in ("llm", "vision_tower") if getattr(tune, p) == "full"}
+    freed = 0
+    for name, module in base_model(model).named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and name.split(".")[0] in parts:
+            for p in module.original_module.parameters():
+                freed += p.numel() * p.element_size()
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    return freed
+
+
+def official_name(name: str) -> str:
+    """A parameter's name in the NVILA checkpoint: without peft's `base_model.model.` prefix, the
+    `modules_to_save.<adapter>.` / `original_module.` level of a trained copy and the `base_layer.` of a
+    LoRA layer (`base_model.model.mm_projector.modules_to_save.default.layers.1.weight` ->
+    `mm_projector.layers.1.weight`)."""
+    name = name.removeprefix("base_model.model.")
+    name = re.sub(r"\.modules_to_save\.[^.]+\.|\.original_module\.|\.base_layer\.", ".", name)
+    return name
+
+
+def is_original(name: str) -> bool:
+    """True for the frozen original of a module peft trains as a copy (`modules_to_save`)."""
+    return ".original_module." in name
 
 
 def part_of(name: str) -> str:
     """`llm` | `vision_tower` | `mm_projector` for a (possibly PEFT-prefixed) parameter name."""
-    name = re.sub(r"^(base_model\.model\.)", "", name)
-    return name.split(".")[0]
+    return official_name(name).split(".")[0]
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
@@ -160,7 +241,8 @@ def trainable_table(model: nn.Module, groups: list[dict]) -> str:
     """Start-up table: trainable / total parameters per part, then each learning-rate group."""
     rows = ["part           trainable        total   share"]
     for part in PARTS:
-        total = sum(numel(p) for n, p in model.named_parameters() if part_of(n) == part and "lora_" not in n)
+        total = sum(numel(p) for n, p in model.named_parameters()
+                    if part_of(n) == part and "lora_" not in n and ".modules_to_save." not in n)
         trainable = sum(p.numel() for n, p in model.named_parameters() if part_of(n) == part and p.requires_grad)
         rows.append(f"{part:<14}{trainable:>10,} {total:>12,}  {100 * trainable / max(total, 1):6.2f}%")
     rows.append("lr group                     params        lr   weight_decay")
@@ -169,29 +251,26 @@ def trainable_table(model: nn.Module, groups: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def non_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters that are not LoRA weights, under the official names (`mm_projector.layers.1.weight`,
-    `vision_tower.encoder.layers.0.layer_norm1.weight`, ...), on CPU."""
-    base = base_model(model)
-    return {
-        n: p.detach().to("cpu").contiguous()
-        for n, p in base.named_parameters()
-        if p.requires_grad and "lora_" not in n
-    }
+def non_lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors an adapter trains in full (its `modules_to_save` copies), under the official NVILA names
+    (`mm_projector.layers.1.weight`, `vision_tower.encoder.layers.0.layer_norm1.weight`, ...), on the CPU.
 
-
-def save_non_lora(model: nn.Module, folder: str | os.PathLike) -> Path:
-    """Writes :func:`non_lora_state_dict` to `folder/non_lora_trainables.safetensors` atomically."""
-    path = Path(folder) / NON_LORA_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(non_lora_state_dict(model), tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
-    return path
+    Args:
+        model: a `PeftModel` from :func:`apply_tuning` or `PeftModel.from_pretrained`; {} for a plain model.
+        adapter_name: default the active adapter.
+    """
+    if not isinstance(model, PeftModel):
+        return {}
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name or model.active_adapter)
+    return {k.removeprefix("base_model.model."): v.detach().to("cpu").contiguous()
+            for k, v in state.items() if "lora_" not in k}
 
 
 def read_non_lora(model: nn.Module, folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of `folder/non_lora_trainables.safetensors` (on the CPU), checked against `model`; {} if absent.
+
+    That file is the official export (:func:`nvila_ft.merge.export_official`) and what run folders of
+    nvila_ft before peft `modules_to_save` held; new run folders keep these tensors in the adapter file.
 
     Raises:
         KeyError: a tensor the model does not have (named).
@@ -201,7 +280,7 @@ def read_non_lora(model: nn.Module, folder: str | os.PathLike) -> dict[str, torc
     if not path.is_file():
         return {}
     state = load_file(path)
-    params = dict(base_model(model).named_parameters())
+    params = _base_params(model)
     missing = [k for k in state if k not in params]
     if missing:
         raise KeyError(f"{path}: tensors not in the model: {missing[:5]}{'...' if len(missing) > 5 else ''}")
@@ -212,13 +291,19 @@ def read_non_lora(model: nn.Module, folder: str | os.PathLike) -> dict[str, torc
 
 
 def load_non_lora(model: nn.Module, folder: str | os.PathLike) -> list[str]:
-    """Loads `non_lora_trainables.safetensors` from `folder` into the model (if present).
+    """Copies `folder/non_lora_trainables.safetensors` (official export or an older run folder) into the
+    model's base weights, if the file is there; they then hold for every adapter and for the base.
 
     Returns the names loaded. Raises as :func:`read_non_lora`.
     """
     state = read_non_lora(model, folder)
-    params = dict(base_model(model).named_parameters())
+    params = _base_params(model)
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v.to(params[k].device, params[k].dtype))
     return list(state)
+
+
+def _base_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Base weights by official name (the originals of `modules_to_save` copies, never the copies)."""
+    return {official_name(n): p for n, p in base_model(model).named_parameters() if ".modules_to_save." not in n}
