@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
     models = args.models
-    base = ["eval.enabled=false", "train.mixed_precision=bf16", "data.preflight=false"]
+    # One sample, one sequence: no shared-prefix group or pack, so the plan prices no 4D mask either.
+    base = ["eval.enabled=false", "train.mixed_precision=bf16", "data.preflight=false", "data.share_prefix=false"]
     if args.tiny:
         from nvila_ft.demo.tiny import build_tiny_checkpoint
 

@@ -55,4 +55,5 @@ def test_train_on_a_video_row_feeds_its_frames_to_the_model(tmp_path, monkeypatc
     assert run.metrics["train_samples"] == 2
     trained = [shape for training, shape in seen if training]
     assert len(trained) == 2  # two steps of one batch of two rows
-    assert all(shape == (8, 3, 448, 448) for shape in trained), trained  # 2 rows x 4 frames, 448 px each
+    # The two rows ask about one clip: data.share_prefix (auto) encodes its 4 frames (448 px) once per step.
+    assert all(shape == (4, 3, 448, 448) for shape in trained), trained

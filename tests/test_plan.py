@@ -307,3 +307,15 @@ def test_gpu_benchmark_runs_on_cpu_at_tiny_shapes(tmp_path):
     assert run["measured_static_bytes"] == run["predicted_static_bytes"]
     assert run["predicted_bytes"] > 0 and run["measured_bytes"] > 0 and abs(run["error_pct"]) < 50
     assert run["plan"]["sample"]["llm_tokens"] == run["llm_tokens"] and run["samples_per_s"] > 0
+
+
+def test_shared_prefixes_and_packing_price_the_attention_mask_of_the_worst_pack():
+    off = plan_recipe(medical("data.share_prefix=false"))
+    on = plan_recipe(medical("data.share_prefix=false", "data.packing=true"))
+    shared = plan_recipe(medical("data.share_prefix=true"))
+    mask = [t for t in on.terms if t.name == "attention mask"]
+    assert not [t for t in off.terms if t.name == "attention mask"] and len(mask) == 1
+    length, batch = on.sample.llm_tokens, on.batch_size
+    act = 2  # bf16 on the GPU the planner assumes
+    assert mask[0].bytes == batch * length * (-(-length // 16) * 16) * act
+    assert on.total - off.total == mask[0].bytes == shared.total - off.total

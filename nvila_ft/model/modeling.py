@@ -283,7 +283,8 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         pixel_values_videos: torch.Tensor | None = None,
         video_frames: Sequence[int] | torch.Tensor | None = None,
         pool_sizes: Sequence[PoolSize] | torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        segment_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         """Builds `inputs_embeds` with every `<image>` / `<vila/video>` token replaced by that medium's embeddings.
 
         Args:
@@ -296,9 +297,11 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             padding_side: where the expanded sequences are padded ("right" for training, "left" to generate).
             pixel_values_videos, video_frames, pool_sizes: see :meth:`video_embeddings`; videos are consumed
                 in order of appearance, sample by sample.
+            segment_ids: (B, L, 2) int64 pack / branch index per token (`nvila_ft.data.grouping`), or None.
 
         Returns:
-            inputs_embeds (B, L', H), attention_mask (B, L') int64, labels (B, L') or None.
+            inputs_embeds (B, L', H), attention_mask (B, L') int64, labels (B, L') or None; with `segment_ids`
+            also the expanded segment ids (B, L', 2) (media rows take their placeholder's, padding (-1, 0)).
 
         As NVIDIA's `_embed` (VILA `llava/remote_code/modeling_vila.py`, `pad_token_list`): pad / eos tokens
         (`[PAD]`, `<|im_end|>` for NVILA's Qwen2 tokenizer) that open a text segment (the sequence start, or right
@@ -328,12 +331,13 @@ class NvilaForConditionalGeneration(PreTrainedModel):
                              "pixel_values_videos / video_frames")
         text = self.get_input_embeddings()(input_ids.masked_fill(is_media, 0))
         skip = self.segment_skip_token_ids
-        seqs, labs, m, v = [], [], 0, 0
+        seqs, labs, segs, m, v = [], [], [], 0, 0
         for b in range(input_ids.shape[0]):
             keep = attention_mask[b].bool()
             ids, emb = input_ids[b][keep], text[b][keep]
             lab = labels[b][keep] if labels is not None else None
-            pieces, lab_pieces, start = [], [], _skip_leading(ids, 0, skip)
+            seg = segment_ids[b][keep] if segment_ids is not None else None
+            pieces, lab_pieces, seg_pieces, start = [], [], [], _skip_leading(ids, 0, skip)
             for pos in (is_media[b][keep]).nonzero().flatten().tolist():
                 if ids[pos] == image_id:
                     item, m = media[m], m + 1
@@ -342,9 +346,13 @@ class NvilaForConditionalGeneration(PreTrainedModel):
                 pieces += [emb[start:pos], item.to(emb.dtype)]
                 if lab is not None:
                     lab_pieces += [lab[start:pos], lab.new_full((item.shape[0],), IGNORE_INDEX)]
+                if seg is not None:
+                    seg_pieces += [seg[start:pos], seg[pos].expand(item.shape[0], 2)]
                 start = _skip_leading(ids, pos + 1, skip)
             pieces.append(emb[start:])
             seqs.append(torch.cat(pieces))
+            if seg is not None:
+                segs.append(torch.cat(seg_pieces + [seg[start:]]))
             if lab is not None:
                 lab_pieces.append(lab[start:])
                 labs.append(torch.cat(lab_pieces))
@@ -357,7 +365,14 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             embeds[b, sl], mask[b, sl] = s, 1
             if out_labels is not None:
                 out_labels[b, sl] = labs[b]
-        return embeds, mask, out_labels
+        if segment_ids is None:
+            return embeds, mask, out_labels
+        out_segments = torch.zeros(len(seqs), length, 2, dtype=torch.long, device=embeds.device)
+        out_segments[..., 0] = -1
+        for b, s in enumerate(segs):
+            sl = slice(0, s.shape[0]) if padding_side == "right" else slice(length - s.shape[0], length)
+            out_segments[b, sl] = s.to(embeds.device)
+        return embeds, mask, out_labels, out_segments
 
     @property
     def segment_skip_token_ids(self) -> tuple[int, ...]:
@@ -375,6 +390,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         pixel_values_videos: torch.Tensor | None = None,
         video_frames: Sequence[int] | torch.Tensor | None = None,
         pool_sizes: Sequence[PoolSize] | torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Loss and logits of a (batch of) conversation(s) with images.
@@ -388,6 +404,9 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             inputs_embeds: skip splicing and feed these to the LLM directly.
             pixel_values_videos: (F, 3, 448, 448) float frames of all videos of the batch.
             video_frames: (num_videos,) frames per video; pool_sizes: see :meth:`video_embeddings`.
+            segment_ids: (B, L, 2) int64 pack and branch index per token for shared prefixes and packing
+                (`nvila_ft.data.grouping.collate_units`): the LLM then gets the 4D mask and position_ids of
+                :func:`segment_attention` instead of `attention_mask`. Needs sdpa or eager attention.
 
             **kwargs: passed to the LLM (`output_hidden_states`, `num_items_in_batch` from the Trainer, ...).
 
@@ -397,10 +416,14 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             only the rows that carry loss, (N_label_tokens, vocab) in label order (see :meth:`_label_only_loss`).
         """
         if inputs_embeds is None:
-            inputs_embeds, attention_mask, labels = self.embed(
+            inputs_embeds, attention_mask, labels, *segments = self.embed(
                 input_ids, attention_mask, pixel_values, block_sizes, labels,
                 pixel_values_videos=pixel_values_videos, video_frames=video_frames, pool_sizes=pool_sizes,
+                segment_ids=segment_ids,
             )
+            segment_ids = segments[0] if segments else None
+        if segment_ids is not None:
+            attention_mask, kwargs["position_ids"] = segment_attention(segment_ids, _compute_dtype(inputs_embeds))
         if labels is not None and self.training:
             return self._label_only_loss(inputs_embeds, attention_mask, labels, **kwargs)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -503,6 +526,50 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
         return processor.decode(out[0])
+
+
+def segment_attention(segment_ids: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """4D additive attention mask and position_ids of packed, shared-prefix rows.
+
+    Query i sees key j when j <= i, both are in the same pack (`segment_ids[..., 0]`, -1 = padding), and j is
+    in the shared prefix (branch 0) or in i's own branch (`segment_ids[..., 1]`). A token's position is the
+    number of tokens it sees minus one: packs restart at 0, a branch continues from its prefix's length,
+    exactly the positions of the separate single sample. Padding sees only itself (position 0).
+
+    Args:
+        segment_ids: (B, L, 2) int64 (expanded coordinates, see :meth:`NvilaForConditionalGeneration.embed`).
+        dtype: a float dtype (the attention compute dtype) for an additive mask, 0 where attended and the
+            dtype's minimum elsewhere (what transformers' sdpa and eager attention add to the scores; one tensor
+            shared by all layers); None = a bool mask, True where attended.
+
+    Returns:
+        mask (B, 1, L, L), passed by transformers as a custom 4D mask as it is; position_ids (B, L) int64.
+    """
+    pack, branch = segment_ids[..., 0], segment_ids[..., 1]
+    length = pack.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=pack.device).tril()
+    same_pack = (pack[:, :, None] == pack[:, None, :]) & (pack[:, :, None] >= 0)
+    same_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    eye = torch.eye(length, dtype=torch.bool, device=pack.device)
+    visible = (causal & same_pack & same_branch) | eye
+    position_ids = visible.sum(-1) - 1
+    if dtype is None:
+        return visible[:, None], position_ids
+    # Storage rows padded to a multiple of 16 columns: sdpa's memory-efficient kernel then takes the mask as it
+    # is; an unaligned one is padded into a new tensor in every layer, and each copy is kept for backward.
+    b = visible.shape[0]
+    store = torch.zeros(b, 1, length, -(-length // 16) * 16, dtype=dtype, device=pack.device)
+    mask = store[..., :length]
+    mask.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
+    return mask, position_ids
+
+
+def _compute_dtype(inputs_embeds: torch.Tensor) -> torch.dtype:
+    """The dtype attention computes in: the autocast dtype when autocast is on, else the embeddings'."""
+    device = inputs_embeds.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return inputs_embeds.dtype
 
 
 def _skip_leading(ids: torch.Tensor, start: int, skip: tuple[int, ...]) -> int:

@@ -347,6 +347,7 @@ class NvilaProcessor(ProcessorMixin):
         add_generation_prompt: bool = False,
         sample_id: str | None = None,
         videos: Sequence[VideoSource | Sequence[Image.Image]] = (),
+        media_layout: MediaLayout | None = None,
     ) -> dict:
         """Encodes one sample.
 
@@ -358,6 +359,8 @@ class NvilaProcessor(ProcessorMixin):
             sample_id: named in errors.
             videos: video paths, bytes or frames folders (decoded here, see :meth:`load_frames`), or lists
                 of already decoded PIL frames. Each becomes one `<vila/video>` placeholder.
+            media_layout: `layout_media(images, videos)` computed once for several samples with the same media
+                (shared image prefixes); None = computed here.
 
         Returns:
             dict with `input_ids` (L,) int64, `attention_mask` (L,), `labels` (L,) int64 (-100 outside
@@ -376,7 +379,7 @@ class NvilaProcessor(ProcessorMixin):
         problem = placeholder_problem(conversations, len(images), len(videos))
         if problem:
             raise ValueError(f"sample {sample_id}: {problem}; put one placeholder per medium in the text, or none")
-        media = self.layout_media(images, videos)
+        media = media_layout if media_layout is not None else self.layout_media(images, videos)
         messages = self.to_messages(conversations, media.placeholder_text)
         ids, labels = self.tokenize_messages(messages, add_generation_prompt, with_labels=not add_generation_prompt)
         n_placeholders = ids.count(self.image_token_id)

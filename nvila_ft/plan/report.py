@@ -242,6 +242,14 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
         out.append(Term("activations", "llm", llm_on if gc.llm else llm_off,
                       f"{llm_layers} layers x {n_llm} tokens, GC {'on' if gc.llm else 'off'}",
                       llm_off if gc.llm else llm_on))
+        if recipe.data.share_prefix or recipe.data.packing:
+            # Shared-prefix groups and packs (nvila_ft.data.grouping) are at most max_length long and at most
+            # `batch` per micro-batch, so the sequences priced here bound them; what they add is the 4D mask,
+            # one (L, L rounded up to 16) tensor in the compute dtype per row, shared by all layers.
+            length = sample.llm_tokens
+            out.append(Term("activations", "attention mask", batch * length * (-(-length // 16) * 16) * act,
+                            f"{batch} x {length}^2 (data.share_prefix / data.packing; the worst group or pack "
+                            "fills max_length)"))
         vocab = model.llm.get_output_embeddings().weight.shape[0]
         # Training applies lm_head only where a label is predicted (NvilaForConditionalGeneration._label_only_loss).
         # Worst case: every text token of the sample is an answer token (a multi-turn sample can come close), so

@@ -311,6 +311,21 @@ class DataConfig(_Section):
         description="Keep only the informative part of the train split (DeltaLoss, NVILA paper) or a random "
         "part: on when prune.scores is set or prune.method=random.",
     )
+    share_prefix: bool | Literal["auto"] = Field(
+        "auto",
+        description="Rows with the same media (and system prompt) train as one sequence: the image is encoded "
+        "and its positions filled once, each question-answer a branch that sees only the prefix and itself "
+        "(the same loss and gradients as separate rows); groups form within an optimizer step, whose answers "
+        "stay per_device_train_batch_size x gradient_accumulation_steps. auto: on when some train rows repeat "
+        "their media and a step has more than one answer; false: one sequence per row. Needs sdpa or eager "
+        "attention (flash_attention_2: off, with a notice).",
+    )
+    packing: bool = Field(
+        False,
+        description="Put several rows (or shared-prefix groups) of a micro-batch into one sequence of at most "
+        "max_length, attention kept within each, instead of padding them to the longest (same loss and "
+        "gradients). Needs sdpa or eager attention.",
+    )
 
 
 class GradientCheckpointingConfig(_Section):

@@ -29,9 +29,17 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
 from nvila_ft.data import VideoCheck, load_split, preflight
+from nvila_ft.data.grouping import (
+    GroupCollator,
+    media_key,
+    plan_micro_batches,
+    repeats_media,
+    sharing_summary,
+)
 from nvila_ft.evaluate import evaluate_samples
 from nvila_ft.model.checkpoint import DTYPES, nf4_config
-from nvila_ft.model.media import MediaConfig
+from nvila_ft.model.configuration import IGNORE_INDEX
+from nvila_ft.model.media import MediaConfig, expanded_length
 from nvila_ft.model.modeling import NvilaForConditionalGeneration
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.plan.report import check_budget
@@ -65,8 +73,9 @@ class SupervisedDataset(Dataset):
         for offset in range(len(self.samples)):
             sample = self.samples[(index + offset) % len(self.samples)]
             try:
-                return self.processor(sample["conversations"], sample.get("images", []), sample_id=sample.get("id"),
-                                      videos=sample.get("videos", []))
+                encoded = self.processor(sample["conversations"], sample.get("images", []),
+                                         sample_id=sample.get("id"), videos=sample.get("videos", []))
+                return encoded | {"media_key": media_key(sample)}
             except Exception as err:  # noqa: BLE001 - any failure of one row is reported, not fatal
                 self.failures += 1
                 logger.error("skipping %s[%s] id=%s at train time: %s", sample.get("source"), sample.get("index"),
@@ -74,6 +83,35 @@ class SupervisedDataset(Dataset):
                 if self.failures > self.max_failures:
                     raise RuntimeError(f"more than {self.max_failures} rows failed at train time") from err
         raise RuntimeError("no sample of the dataset can be encoded")
+
+
+class GroupedDataset(Dataset):
+    """One item per optimizer step: the encoded rows of `batches[i]` (`nvila_ft.data.grouping.plan_micro_batches`
+    with `per_device_train_batch_size x gradient_accumulation_steps` rows), for
+    :class:`~nvila_ft.data.grouping.GroupCollator`. A row that fails is replaced by the next one (as in
+    :class:`SupervisedDataset`), so every step keeps its answers."""
+
+    def __init__(self, samples: list[dict], processor: NvilaProcessor, batches: list[list[int]]):
+        self.rows, self.batches = SupervisedDataset(samples, processor), batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> list[dict]:
+        """The encoded rows; rows with the same media reuse one image layout (tiles are cut once)."""
+        layouts, out = {}, []
+        for i in self.batches[index]:
+            sample, key = self.rows.samples[i], media_key(self.rows.samples[i])
+            try:
+                if key not in layouts:
+                    layouts[key] = self.rows.processor.layout_media(sample.get("images", []), sample.get("videos", []))
+                encoded = self.rows.processor(sample["conversations"], sample.get("images", []),
+                                              sample_id=sample.get("id"), videos=sample.get("videos", []),
+                                              media_layout=layouts[key])
+                out.append(encoded | {"media_key": key})
+            except Exception:  # noqa: BLE001 - SupervisedDataset logs the row and takes the next one
+                out.append(self.rows[i])
+        return out
 
 
 def prepare_data(recipe: Recipe, processor: NvilaProcessor, split: str, max_samples: int | None) -> list[dict]:
@@ -87,9 +125,14 @@ def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict]
     if not d.preflight:
         return samples
 
+    lengths: dict[int, tuple[int, int]] = {}  # id(sample) -> (expanded tokens, visual tokens)
+
     def length_fn(sample: dict) -> int:
         sizes = [_image_size(im) for im in sample.get("images", [])]
-        return processor.num_tokens(sample["conversations"], sizes, sample.get("video_frames", ()))
+        frames = sample.get("video_frames", ())
+        n = processor.num_tokens(sample["conversations"], sizes, frames)
+        lengths[id(sample)] = n, expanded_length(processor.media, len(processor.end_token_ids), 0, sizes, frames)
+        return n
 
     video_check = VideoCheck.for_media(processor.media, short_videos=d.short_videos, sample=d.preflight_video_sample,
                                        seed=recipe.train.seed, cache_dir=d.video_cache_dir,
@@ -104,6 +147,12 @@ def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict]
         logger.info("%s split: %s; %d frames per video, %d tokens per frame, temporal pool %s -> %d visual tokens "
                     "per video", split, video_lines[0], processor.num_video_frames, processor.tokens_per_tile, pool,
                     processor.count_video_tokens())
+    if split == "train" and d.share_prefix and repeats_media(report.ok):
+        info = sharing_summary(report.ok, *zip(*(lengths[id(s)] for s in report.ok)))
+        (v0, v1), (p0, p1) = info["vision_encodes"], info["llm_positions"]
+        logger.info("%s split: shared prefixes (data.share_prefix): %d rows -> %d groups; media through the vision "
+                    "tower %d -> %d (%.1fx fewer); LLM positions %d -> at most %d (%.1fx fewer)", split,
+                    info["rows"], info["groups"], v0, v1, v0 / max(v1, 1), p0, p1, p0 / max(p1, 1))
     return report.ok
 
 
@@ -118,14 +167,35 @@ def _image_size(image) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------- trainer
 class NvilaTrainer(Trainer):
-    """`transformers.Trainer` with no overrides: the model is a `PeftModel` whose adapter holds the LoRA weights
-    and the copies of the parts trained in full (peft `modules_to_save`, see
-    :func:`nvila_ft.train.tuning.apply_tuning`), so Trainer's own PEFT save and resume cover everything the
-    recipe trains."""
+    """`transformers.Trainer`; the model is a `PeftModel` whose adapter holds the LoRA weights and the copies of
+    the parts trained in full (peft `modules_to_save`, see :func:`nvila_ft.train.tuning.apply_tuning`), so
+    Trainer's own PEFT save and resume cover everything the recipe trains.
+
+    One override, for shared prefixes and packing: an input `{"micro_batches": [...]}` (one optimizer step of
+    `per_device_train_batch_size x gradient_accumulation_steps` answers, :class:`GroupedDataset` +
+    `GroupCollator`) runs forward and backward per micro-batch, the loss of each divided by the labelled
+    tokens of the whole step, as transformers' gradient accumulation does. The step needs as many micro-batches
+    as its groups fill (at most gradient_accumulation_steps), which the Trainer's fixed count cannot express.
+    """
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        parts = inputs.get("micro_batches") if isinstance(inputs, dict) else None
+        if parts is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        total = sum(int((p["labels"][:, 1:] != IGNORE_INDEX).sum()) for p in parts)
+        total = torch.tensor(max(total, 1), device=self.args.device)
+        return sum(super(NvilaTrainer, self).training_step(model, p, total) for p in parts)
 
 
 class DenseLog(ProgressCallback):
-    """Progress bar plus one dense line per logging step: `step | loss | lr | samples/s | mem`."""
+    """Progress bar plus one dense line per logging step: `step | loss | lr | samples/s | mem`.
+
+    `rows_per_item`: training rows per data-loader item (a grouped micro-batch holds several).
+    """
+
+    def __init__(self, rows_per_item: int = 1):
+        super().__init__()
+        self.rows_per_item = rows_per_item
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -138,7 +208,8 @@ class DenseLog(ProgressCallback):
         self._t0 = time.time()
         done = state.global_step - getattr(self, "_last_step", 0)
         self._last_step = state.global_step
-        rate = done * args.per_device_train_batch_size * args.gradient_accumulation_steps / max(elapsed, 1e-9)
+        rows = args.per_device_train_batch_size * self.rows_per_item
+        rate = done * rows * args.gradient_accumulation_steps / max(elapsed, 1e-9)
         line = (f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
                 f"lr {logs.get('learning_rate', 0):.2e} | {rate:.2f} samples/s | mem {mem}")
         if self.training_bar is not None:
@@ -315,10 +386,21 @@ class TrainingRun:
     def build_trainer(self) -> NvilaTrainer:
         r, t = self.recipe, self.recipe.train
         mp = r.train.resolved_mixed_precision()
+        share_prefix, packing = self.grouping()
+        grouped = share_prefix or packing
+        answers = t.per_device_train_batch_size * t.gradient_accumulation_steps
+        if grouped:  # one item = one optimizer step's rows, grouped / packed / split into micro-batches in collate
+            steps = plan_micro_batches(self.train_samples, answers, t.seed, share_prefix)
+            dataset = GroupedDataset(self.train_samples, self.processor, steps)
+            collator = GroupCollator(self.processor, share_prefix, packing, t.per_device_train_batch_size)
+        else:
+            dataset, collator = SupervisedDataset(self.train_samples, self.processor), self.processor.collate
         args = TrainingArguments(
-            output_dir=str(self.output_dir), per_device_train_batch_size=t.per_device_train_batch_size,
+            output_dir=str(self.output_dir),
+            per_device_train_batch_size=1 if grouped else t.per_device_train_batch_size,
             per_device_eval_batch_size=t.per_device_eval_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps, num_train_epochs=t.num_train_epochs,
+            gradient_accumulation_steps=1 if grouped else t.gradient_accumulation_steps,
+            num_train_epochs=t.num_train_epochs,
             max_steps=t.max_steps, learning_rate=t.lr, weight_decay=t.weight_decay,
             lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the steps
             logging_steps=t.logging_steps,
@@ -333,16 +415,30 @@ class TrainingRun:
             [{k: v for k, v in g.items() if k not in ("names", "name")} for g in groups], lr=t.lr,
             weight_decay=t.weight_decay)
         self.trainer = NvilaTrainer(
-            model=self.model, args=args, train_dataset=SupervisedDataset(self.train_samples, self.processor),
-            data_collator=self.processor.collate, processing_class=self.processor.tokenizer,
+            model=self.model, args=args, train_dataset=dataset,
+            data_collator=collator, processing_class=self.processor.tokenizer,
             optimizers=(optimizer, None), callbacks=[PeriodicEval(self)],
         )
         self.trainer.remove_callback(ProgressCallback)
-        self.trainer.add_callback(DenseLog())
+        self.trainer.add_callback(DenseLog(rows_per_item=answers if grouped else 1))
         for callback in self.trainer.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
                 callback.logging_dir = str(self.output_dir / "logs")  # per run; TENSORBOARD_LOGGING_DIR wins
         return self.trainer
+
+    def grouping(self) -> tuple[bool, bool]:
+        """(share_prefix, packing) as this run trains: `data.share_prefix: auto` is on when train rows repeat
+        their media and an optimizer step has more than one answer; both need a custom 4D mask, which flash-attention cannot take (off, with a notice)."""
+        d, t = self.recipe.data, self.recipe.train
+        one_answer_steps = t.per_device_train_batch_size * t.gradient_accumulation_steps == 1  # nothing to share
+        auto = not one_answer_steps and repeats_media(self.train_samples)
+        share = auto if d.share_prefix == "auto" else bool(d.share_prefix)
+        attn = getattr(base_model(self.model).llm.config, "_attn_implementation", "sdpa")
+        if (share or d.packing) and attn not in ("sdpa", "eager"):
+            logger.warning("data.share_prefix / data.packing need sdpa or eager attention (%s cannot take their "
+                           "attention mask): training one row per sequence", attn)
+            return False, False
+        return share, d.packing
 
     # -- run
     def resume_path(self) -> str | None:
