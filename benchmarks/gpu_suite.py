@@ -123,7 +123,8 @@ def measured_row(name: str, recipe_overrides: list[str], steps: int, cap: float 
 
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=max(timeout, 1))
+        limit = None if timeout == float("inf") else max(timeout, 1)
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=limit)
     except subprocess.TimeoutExpired as err:
         out = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
         return subprocess.CompletedProcess(cmd, 124, out, f"timed out after {timeout:.0f} s (suite budget)")
@@ -165,7 +166,7 @@ def main_job(data: Path, work: Path, model_overrides: list[str], cuda: bool, ste
 
 
 def table(rows: list[dict]) -> str:
-    g = lambda b: f"{b / GiB:7.2f}"  # noqa: E731
+    g = lambda b: f"{b / GiB:7.3f}"  # noqa: E731
     lines = [f"{'row':<16}{'measured GiB':>13}{'planned GiB':>12}{'error':>8}{'reserved':>9}{'outside':>8}"
              f"{'samples/s':>10}{'tok/s':>8}{'MFU':>6}  note"]
     for r in rows:
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu_suite-<device>.json)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measured row (GPU 3, smoke 1)")
     parser.add_argument("--job-steps", type=int, default=None, help="training steps of the main job (GPU 20, smoke 2)")
-    parser.add_argument("--budget-s", type=float, default=480, help="start no new row after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new row after this many seconds (GPU 480; smoke: no limit)")
     parser.add_argument("--rows", nargs="*", default=None, help="run only these rows")
     args = parser.parse_args(argv)
     t_start = time.time()
@@ -217,19 +219,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         data = pack_vqa_rad(shared, work / "vqa_rad", 16 if args.cpu_smoke else 64, 4 if args.cpu_smoke else 8)
     steps = args.steps or (1 if args.cpu_smoke else 3)
+    if args.budget_s is None:
+        args.budget_s = float("inf") if args.cpu_smoke else 480.0
     if args.cpu_smoke:
         from nvila_ft.demo.tiny import build_tiny_checkpoint
 
         torch.set_num_threads(min(2, torch.get_num_threads()))
         eight = str(build_tiny_checkpoint(work / "tiny-nvila", variant="nvila", seed=0))
         lite = str(build_tiny_checkpoint(work / "tiny-nvila-lite", variant="nvila-lite", seed=0))
-        # tiny shapes, fewer tokens: dynamic_s2 with 1+4+9 tiles (2305 tokens), dynamic with 4+1 tiles
-        small, small_lite = ["model.max_tiles=9", "data.max_length=2560"], ["model.max_tiles=4", "data.max_length=2560"]
+        # tiny shapes and short samples (a shared 2-core CPU): the 24 GiB row keeps medical.yaml's dynamic_s2
+        # (1+4+9 tiles, 2305 tokens); the others tile `dynamic` with at most 2 tiles + thumbnail.
+        s2 = ["model.max_tiles=9", "data.max_length=2560"]
+        small = small_lite = ["model.image_aspect_ratio=dynamic", "model.max_tiles=2", "data.max_length=1024"]
         cap = None
     else:
-        eight, lite, small, small_lite, cap = EIGHT_B, LITE_2B, [], [], 24.0
+        eight, lite, s2, small, small_lite, cap = EIGHT_B, LITE_2B, [], [], [], 24.0
     plan = [
-        ("medical-24GiB", [f"model.path={eight}", *small], cap, "medical.yaml: 8B QLoRA+LN+proj, 12 tiles"),
+        ("medical-24GiB", [f"model.path={eight}", *s2], cap, "medical.yaml: 8B QLoRA+LN+proj, 12 tiles"),
         ("8B-lora", [f"model.path={eight}", "tune.llm=lora", *small], None, "8B bf16 LoRA + LN + proj"),
         ("8B-lora-vlora", [f"model.path={eight}", "tune.llm=lora", "tune.vision_tower=lora", *small], None,
          "8B LoRA, LoRA vision tower"),

@@ -16,4 +16,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && [[ " $* " != *" --cpu-smoke "* ]]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-exec timeout 570 "$PY" benchmarks/gpu_suite.py "$@"
+if [[ " $* " == *" --cpu-smoke "* ]]; then
+  exec "$PY" benchmarks/gpu_suite.py "$@"        # a shared CPU takes what it takes: no time budget
+fi
+exec timeout 570 "$PY" benchmarks/gpu_suite.py "$@"   # the 8-minute promise (rows stop at 480 s, the job at 540 s)

@@ -49,11 +49,25 @@ def reduced_depth(llm: int, vision_tower: int):
         with reduced_depth(llm=2, vision_tower=3):
             model = NvilaForConditionalGeneration.from_pretrained(hub_id, init="random")
     """
+    from nvila_ft.plan import report  # the planner caches meta models per checkpoint: plan the reduced one
+
     _DEPTH.update(llm=llm, vision_tower=vision_tower)
+    report._parameters.cache_clear()
     try:
         yield
     finally:
         _DEPTH.clear()
+        report._parameters.cache_clear()
+
+
+def apply_reduced_depth(config: NvilaConfig) -> NvilaConfig:
+    """`config` with the layer counts of an enclosing :func:`reduced_depth` (unchanged outside one); the
+    planner applies it too, so plan and model agree."""
+    if _DEPTH:
+        config.llm_cfg = {**config.llm_cfg, "num_hidden_layers": _DEPTH["llm"], "max_window_layers": _DEPTH["llm"]}
+        config.llm_cfg.pop("layer_types", None)
+        config.vision_tower_cfg = {**config.vision_tower_cfg, "num_hidden_layers": _DEPTH["vision_tower"]}
+    return config
 
 
 def random_config(path_or_id: str | os.PathLike, revision: str | None = None) -> tuple[NvilaConfig, Path | None]:
@@ -63,11 +77,7 @@ def random_config(path_or_id: str | os.PathLike, revision: str | None = None) ->
         FileNotFoundError: no local folder, no shipped config and the hub's config.json cannot be fetched.
     """
     config, folder = _find_config(path_or_id, revision)
-    if _DEPTH:
-        config.llm_cfg = {**config.llm_cfg, "num_hidden_layers": _DEPTH["llm"], "max_window_layers": _DEPTH["llm"]}
-        config.llm_cfg.pop("layer_types", None)
-        config.vision_tower_cfg = {**config.vision_tower_cfg, "num_hidden_layers": _DEPTH["vision_tower"]}
-    return config, folder
+    return apply_reduced_depth(config), folder
 
 
 def _find_config(path_or_id, revision):

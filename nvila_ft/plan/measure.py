@@ -10,7 +10,7 @@ sample is the one the plan prices as the worst case: an image of the worst aspec
 the recipe's tiling, or text only, with an answer long enough to fill the planned LLM length, so every
 text token but the prompt's is a label. Each step: forward under the recipe's autocast, backward, AdamW
 step (the optimizer's parameter groups from `param_groups`), after one warm-up step that creates the AdamW
-states. Measured: `torch.cuda.max_memory_allocated` and `max_memory_reserved` over the timed steps, the
+states of every trainable. Measured: `torch.cuda.max_memory_allocated` and `max_memory_reserved` over the timed steps, the
 process's device memory beyond the allocator (CUDA context, cuBLAS / bitsandbytes workspaces: what the plan's
 CUDA allowance stands for), samples/s and LLM tokens/s. The plan is recomputed for the exact sample measured
 (`plan_recipe(text_tokens=..., label_tokens=...)`) so both sides price the same tokens.
@@ -32,7 +32,7 @@ from PIL import Image
 from nvila_ft.plan.memory import GiB
 from nvila_ft.plan.report import plan_recipe
 
-QUESTION = "Is there evidence of a pneumothorax in the left lung on this chest x-ray?"
+QUESTION = "Describe."  # short: the plan's worst case counts every text token as a label
 FILLER = "yes"
 
 
@@ -62,12 +62,11 @@ def worst_case_sample(processor, plan) -> tuple[list[dict], list[Image.Image]]:
     def conv(k: int) -> list[dict]:
         return [{"from": "human", "value": prompt}, {"from": "gpt", "value": " ".join([FILLER] * k)}]
 
-    base, more = processor.num_tokens(conv(1), sizes), processor.num_tokens(conv(65), sizes)
-    per_word = max((more - base) / 64, 1e-9)
-    k = max(1, int(1 + (s.llm_tokens - base) / per_word))
-    while k > 1 and processor.num_tokens(conv(k), sizes) > s.llm_tokens:
-        k -= 1
-    return conv(k), images
+    low, high = 1, max(2, s.llm_tokens)  # the most filler words that keep the sample within llm_tokens
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if processor.num_tokens(conv(mid), sizes) <= s.llm_tokens else (low, mid - 1)
+    return conv(low), images
 
 
 class SavedTensorMeter:
@@ -133,6 +132,10 @@ def run_steps(run, batch: dict, steps: int) -> dict:
         with autocast, hooks:
             loss = model(**batch).loss
         loss.backward()
+        if step == 0:  # AdamW states for every trainable, as training has them once any sample reached it
+            for p in model.parameters():  # (a text-only sample sends no gradient to the projector)
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         if step == steps:
             static = state_bytes(model, optimizer)
         optimizer.step()
@@ -202,13 +205,14 @@ def measure_recipe(recipe, steps: int = 3, memory_cap_gib: float | None = None) 
             torch.cuda.empty_cache()
     step = sum(measured["step_seconds"]) / len(measured["step_seconds"])
     static = measured.pop("static")
-    predicted_static = sum(t.bytes for t in plan.terms if t.group in ("weights", "gradients", "optimizer"))
+    by_group = {g: sum(t.bytes for t in plan.terms if t.group == g) for g in ("weights", "gradients", "optimizer")}
+    predicted_static = sum(by_group.values())
     result.update(measured, llm_tokens=plan.sample.llm_tokens, vision_tiles=plan.sample.vision_tiles,
                   text_tokens=n_text, label_tokens=n_label, sample=plan.sample.detail,
                   samples_per_s=round(plan.batch_size / step, 4),
                   tokens_per_s=round(plan.batch_size * plan.sample.llm_tokens / step, 1),
                   measured_static_bytes=sum(static.values()), predicted_static_bytes=predicted_static,
-                  static=static, plan=plan.to_dict(), planned_total_bytes=plan.total)
+                  static=static, predicted_static=by_group, plan=plan.to_dict(), planned_total_bytes=plan.total)
     if cuda:
         measured_bytes, predicted = measured["max_allocated"], plan.allocated
         result["peak_kind"] = "torch.cuda.max_memory_allocated"
@@ -225,7 +229,7 @@ def measure_recipe(recipe, steps: int = 3, memory_cap_gib: float | None = None) 
 
 def measurement_table(r: dict) -> str:
     """The measured-vs-planned table `python -m nvila_ft.plan --measure` prints."""
-    g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+    g = lambda b: f"{b / GiB:8.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:8.1f} MiB"  # noqa: E731
     where = r["device"] + (f", allocator capped at {r['memory_cap_gib']:g} GiB" if r.get("memory_cap_gib") else "")
     lines = [f"fit check: {r['model']} on {where}, random weights (model.init=random), {r['steps']} steps"]
     if r["oom"]:
