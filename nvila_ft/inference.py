@@ -151,7 +151,8 @@ def load_model(
     attn = recipe.model.attn_implementation if recipe else "sdpa"
     model = NvilaForConditionalGeneration.from_pretrained(
         checkpoint, dtype=torch_dtype, attn_implementation=attn, llm_quantization_config=quant,
-        device_map={"": device} if device.type == "cuda" else None)
+        device_map={"": device} if device.type == "cuda" else None,
+        init=recipe.model.init if recipe else "pretrained")  # a model.init=random run: the same seeded weights
     if quant is None:
         model.to(device)
     else:  # the 4-bit LLM is placed by device_map (GPU) or stays on the CPU

@@ -85,6 +85,9 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
         "",
         f"NVILA fine-tuned with nvila-ft from {base}.",
         "",
+        *([f"**RANDOM WEIGHTS**: trained with `model.init: random` (seeded random weights at the shapes of "
+           f"`{m.path}`, no checkpoint downloaded): a memory, speed and code-path check, not a usable model.",
+           ""] if m.init == "random" else []),
         "## Training",
         "",
         "| part | tuning | adapter | learning rate |",

@@ -129,8 +129,12 @@ def resize_embeddings_like_official(llm: nn.Module, new_rows: int, storage_dtype
 
 def load_official(path_or_id: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,
                   attn_implementation: str | None = None, llm_quantization_config=None, device_map=None,
-                  revision: str | None = None) -> tuple[NvilaConfig, object, dict[str, nn.Module]]:
+                  revision: str | None = None, init: str = "pretrained",
+                  ) -> tuple[NvilaConfig, object, dict[str, nn.Module]]:
     """The parts of an official-layout checkpoint (see `NvilaForConditionalGeneration.from_pretrained`).
+
+    `init="random"`: the checkpoint's config with seeded random weights, nothing downloaded
+    (:func:`nvila_ft.model.random_init.random_official`).
 
     Returns:
         (config with the resolved token ids, tokenizer with media tokens, {"llm", "vision_tower", "mm_projector"}).
@@ -138,8 +142,12 @@ def load_official(path_or_id: str | os.PathLike, dtype: torch.dtype | str = torc
     Raises:
         FileNotFoundError: missing folder, sub-folder or hub id.
     """
-    folder = resolve_checkpoint(path_or_id, revision)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if init == "random":
+        from nvila_ft.model.random_init import random_official
+
+        return random_official(path_or_id, dtype, attn_implementation, llm_quantization_config, device_map, revision)
+    folder = resolve_checkpoint(path_or_id, revision)
     for part in ("llm", "vision_tower", "mm_projector"):
         if not (folder / part).is_dir():
             raise FileNotFoundError(f"{folder}: missing {part}/ (official NVILA layout expected)")

@@ -107,6 +107,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         llm_quantization_config=None,
         device_map=None,
         revision: str | None = None,
+        init: str = "pretrained",
         **_unused,
     ) -> NvilaForConditionalGeneration:
         """Loads an official-layout NVILA checkpoint from a local folder or a hub id.
@@ -118,6 +119,8 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             attn_implementation: "sdpa" | "eager" | "flash_attention_2" | None (library default).
             llm_quantization_config: a `BitsAndBytesConfig` to load the LLM in 4/8 bit (QLoRA).
             device_map: passed to the LLM's `from_pretrained` (e.g. {"": 0}).
+            init: "pretrained" (the checkpoint's weights) or "random" (its config only, seeded random weights
+                built on `device_map`'s device: `nvila_ft.model.random_init`; recipe key `model.init`).
 
         Returns:
             The model in eval mode with `model.tokenizer` set; the LLM embeddings are resized to the
@@ -128,7 +131,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             FileNotFoundError: missing folder, sub-folder or hub id.
         """
         config, tokenizer, parts = load_official(path_or_id, dtype, attn_implementation, llm_quantization_config,
-                                                 device_map, revision)
+                                                 device_map, revision, init)
         model = cls(config, **parts)
         model.tokenizer = tokenizer
         model.eval()

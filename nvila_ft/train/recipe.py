@@ -83,6 +83,13 @@ class ModelConfig(_Section):
         "the projector (paper, temporal compression); t must divide num_video_frames. [8, 1, 1] as "
         "NVILA-8B-Video; [1, 1, 1] = none. null = the checkpoint's video_encoder pool_sizes.",
     )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="pretrained: the checkpoint's weights. random: only its config (local folder, the shipped "
+        "configs of the official hub ids, or the hub's config.json) with seeded random weights built on the "
+        "GPU in model.dtype (QLoRA quantized as bitsandbytes loads it): the real memory and code path with no "
+        "weights download, for fit checks and benchmarks; nothing learnt is meaningful.",
+    )
 
     @field_validator("path")
     @classmethod

@@ -257,7 +257,7 @@ class TrainingRun:
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
         model = NvilaForConditionalGeneration.from_pretrained(
             m.path, dtype=dtype, attn_implementation=m.attn_implementation, llm_quantization_config=quant,
-            device_map=device_map)
+            device_map=device_map, init=m.init)
         if torch.cuda.is_available():
             model.vision_tower.to(model.llm.device)
             model.mm_projector.to(model.llm.device)
