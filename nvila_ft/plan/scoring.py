@@ -13,6 +13,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from nvila_ft.model.checkpoint import DTYPES
+from nvila_ft.model.media import MediaConfig
 from nvila_ft.plan.memory import (
     CUDA_ALLOWANCE,
     DTYPE_BYTES,
@@ -56,12 +57,12 @@ def plan_scoring(recipe, model_path: str, batch_size: int = 8, dtype: str = "bfl
     like = SimpleNamespace(model=SimpleNamespace(dtype=dtype), tune=SimpleNamespace(llm="frozen"))
     rows = parameter_rows(model, like, "no")
     act = DTYPE_BYTES[dtype]
-    m, d = recipe.model, recipe.data
+    d = recipe.data
     n_end = len(config.end_token_ids or [198])
-    tiling = config.tiling(m.image_aspect_ratio, m.max_tiles)
-    samples = [*image_samples(config, tiling, d.max_length, n_end), text_sample(d.max_length)]
-    if m.num_video_frames:
-        samples.append(video_sample(config, tiling, d.max_length, n_end, m.num_video_frames, m.temporal_pool))
+    media = MediaConfig.from_recipe(config, recipe)  # the run's one media config, as training resolves it
+    samples = [*image_samples(media, n_end), text_sample(d.max_length)]
+    if media.num_video_frames:
+        samples.append(video_sample(media, n_end))
     tc, vc = model.llm.config, model.vision_tower.config
     vocab = model.llm.get_output_embeddings().weight.shape[0]
     v_layers = used_vision_layers(model)
