@@ -262,3 +262,12 @@ def test_the_planner_reads_an_hf_checkpoint_as_its_original(tiny):
     for field in ("mm_projector_type", "mm_hidden_size", "image_aspect_ratio", "hidden_size", "end_token_ids"):
         assert getattr(hf, field) == getattr(original, field), field
     assert hf.text_config.num_hidden_layers == original.text_config.num_hidden_layers
+
+
+def test_an_hf_checkpoint_loads_in_4_bit_like_the_original(tiny):
+    # QLoRA (`tune.llm: qlora`): the -hf LLM goes through transformers' from_pretrained with the nf4 config too.
+    hf, _ = load_model(tiny["nvila", "hf"], dtype="float32", device="cpu", quantize=True)
+    original, _ = load_model(tiny["nvila", "original"], dtype="float32", device="cpu", quantize=True)
+    assert type(hf.llm.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    a, b = dict(hf.llm.named_parameters()), dict(original.llm.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
