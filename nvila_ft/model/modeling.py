@@ -4,8 +4,8 @@ official NVILA checkpoints (NVlabs/VILA `modeling_vila.py`, `../shared/docs/nvil
     model = NvilaForConditionalGeneration.from_pretrained("Efficient-Large-Model/NVILA-Lite-2B")
     out = model(**processor(conversations, images), labels=...)
 
-Loads and saves the original hub layout (`config.json` + `llm/` + `vision_tower/` + `mm_projector/`)
-without `trust_remote_code`.
+Loads and saves the original hub layout (`config.json` + `llm/` + `vision_tower/` + `mm_projector/`), and
+loads NVIDIA's single-folder -hf layouts (`nvila_ft.model.hf_layout`), without `trust_remote_code`.
 """
 
 from __future__ import annotations
@@ -110,11 +110,12 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         init: str = "pretrained",
         **_unused,
     ) -> NvilaForConditionalGeneration:
-        """Loads an official-layout NVILA checkpoint from a local folder or a hub id.
+        """Loads an official NVILA checkpoint, original or -hf layout, from a local folder or a hub id.
 
         Args:
-            path_or_id: folder with `config.json`, `llm/`, `vision_tower/`, `mm_projector/`, or a hub id
-                such as `Efficient-Large-Model/NVILA-Lite-2B`.
+            path_or_id: folder with `config.json`, `llm/`, `vision_tower/`, `mm_projector/`, or an -hf folder
+                (`config.json` with `text_config` / `vision_config` + `model.safetensors`, read by
+                `nvila_ft.model.hf_layout`), or a hub id such as `Efficient-Large-Model/NVILA-Lite-2B(-hf)`.
             dtype: weights dtype in memory (torch dtype or "bfloat16"/"float16"/"float32").
             attn_implementation: "sdpa" | "eager" | "flash_attention_2" | None (library default).
             llm_quantization_config: a `BitsAndBytesConfig` to load the LLM in 4/8 bit (QLoRA).
@@ -364,8 +365,10 @@ class NvilaForConditionalGeneration(PreTrainedModel):
 
     @property
     def segment_skip_token_ids(self) -> tuple[int, ...]:
-        """Token ids NVIDIA's `_embed` drops at the start of a text segment (`media.segment_skip_ids`)."""
-        return segment_skip_ids(getattr(self, "tokenizer", None))
+        """Token ids NVIDIA's `_embed` drops at the start of a text segment (`media.segment_skip_ids`); none for
+        an -hf checkpoint, whose processor expands media in `input_ids` and drops nothing (`hf_layout`)."""
+        hf = getattr(self.config, "hf_model_type", None)
+        return () if hf else segment_skip_ids(getattr(self, "tokenizer", None))
 
     def forward(
         self,
