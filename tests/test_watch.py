@@ -235,7 +235,7 @@ def test_early_stopping_stops(assets, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["train.load_best_model_at_end=true"], "eval.eval_steps"),
+        (["train.load_best_model_at_end=true", "eval.eval_steps=null"], "eval.eval_steps"),
         (["train.load_best_model_at_end=true", "eval.eval_steps=3", "train.save_steps=4"], "multiple of eval.eval_steps"),
         (["train.load_best_model_at_end=true", "eval.eval_steps=2", "train.metric_for_best_model=acc"],
          "overall_accuracy"),

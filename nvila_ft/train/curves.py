@@ -62,7 +62,7 @@ def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, metric: st
         log_history: `TrainerState.log_history`.
         path: the PNG to write.
         metric: task metric to plot next to the losses (see :func:`task_metric`); None = losses only.
-        title: the figure title; None = the folder's name.
+        title: the figure title; None = the run folder's last two path parts (e.g. quickstart/output).
 
     Raises:
         ImportError: matplotlib is not installed (it is a dependency of nvila-ft).
@@ -90,13 +90,15 @@ def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, metric: st
             steps, values = zip(*series[f"eval {metric}"])
             right.plot(steps, values, color="tab:green", marker="s", ls="--", label=f"eval {metric}")
             right.set_ylabel(metric)
+            if all(0 <= v <= 1 for v in values):  # accuracies, ANLS: show the whole 0-1 scale
+                right.set_ylim(-0.02, 1.02)
             more = right.get_legend_handles_labels()
             handles, labels = handles + more[0], labels + more[1]
         if handles:
             ax.legend(handles, labels, loc="upper right", fontsize="small")
         else:
             ax.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(title or path.resolve().parent.name, fontsize="medium")
+        ax.set_title(title or "/".join(path.resolve().parent.parts[-2:]), fontsize="medium")
         fig.tight_layout()
         tmp = path.with_name(path.name + ".tmp")
         fig.savefig(tmp, format="png", metadata={SERIES_KEY: json.dumps(series)})

@@ -37,7 +37,7 @@ from nvila_ft.model.checkpoint import DTYPES, nf4_config
 from nvila_ft.model.modeling import NvilaForConditionalGeneration
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.plan.report import check_budget
-from nvila_ft.train.curves import CURVE, plot_loss_curve, task_metric
+from nvila_ft.train.curves import task_metric
 from nvila_ft.train.recipe import Recipe
 from nvila_ft.train.recipe_io import recipe_to_yaml
 from nvila_ft.train.tuning import (
@@ -457,7 +457,7 @@ class TrainingRun:
             tmp.write_text(json.dumps(metrics, indent=2))
             os.replace(tmp, self.output_dir / "metrics.json")
             print(json.dumps(metrics, indent=2), flush=True)
-            plot_loss_curve(state.log_history, self.output_dir / CURVE, task_metric(state.log_history, self.metric_name))
+            LossCurve(self.output_dir, self.metric_name).draw(state)  # with the final evaluation
             self.write_model_card()
             print(summary_line(state, metrics, time.time() - started, self.output_dir,
                                self.metric_name or task_metric(state.log_history)), flush=True)

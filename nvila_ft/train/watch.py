@@ -58,12 +58,16 @@ class LossCurve(TrainerCallback):
         self.path, self.metric = Path(output_dir) / CURVE, metric
 
     def draw(self, state) -> None:
+        """Draws the curve of `state.log_history` (process zero only); a failure is logged, never raised: a
+        plot must not stop training or lose a finished run's results."""
         if not state.is_world_process_zero:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             plot_loss_curve(state.log_history, self.path, task_metric(state.log_history, self.metric))
-        except Exception as err:  # noqa: BLE001 - a plotting failure must never stop training
+        except ImportError as err:
+            logger.warning("no %s: %s (pip install matplotlib)", self.path.name, err)
+        except Exception as err:  # noqa: BLE001 - see the docstring
             logger.warning("could not draw %s: %s", self.path, err)
 
     def on_save(self, args, state, control, **kwargs):
