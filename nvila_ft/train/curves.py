@@ -130,7 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run}: no trainer_state.json here or in a checkpoint-* folder", file=sys.stderr)
         return 2
     history = json.loads(state_file.read_text())["log_history"]
-    plot_loss_curve(history, run / CURVE, task_metric(history))
+    preferred = None
+    if (run / "recipe.yaml").is_file():  # the headline number of the run's eval.metric (e.g. overall_accuracy)
+        import yaml
+
+        from nvila_ft.metrics import PRIMARY
+
+        preferred = PRIMARY.get((yaml.safe_load((run / "recipe.yaml").read_text()) or {}).get("eval", {}).get("metric"))
+    plot_loss_curve(history, run / CURVE, task_metric(history, preferred))
     print(run / CURVE)
     return 0
 
