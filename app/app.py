@@ -69,9 +69,13 @@ def build_demo(previewer: Previewer):
         runs = previewer.runs_for(base)[:1]
         return gr.update(choices=previewer.runs_for(base), value=runs)
 
+    def loss_curve(runs):
+        image = previewer.loss_curve(runs[0]) if runs else None
+        return gr.update(value=image, visible=image is not None, label=f"Loss curve: {runs[0]}" if runs else "")
+
     def on_runs(runs):
         runs = list(runs or [])
-        return (*answer_boxes(runs), run_details(runs), *examples_for(runs))
+        return (*answer_boxes(runs), run_details(runs), loss_curve(runs), *examples_for(runs))
 
     def on_upload(path):
         """Checks an upload at once (type, size, decodable) and shows it; a refused file is removed."""
@@ -172,10 +176,13 @@ def build_demo(previewer: Previewer):
                 tile_info = gr.Markdown(elem_id="tile-info")
                 gallery = gr.Gallery(label="Tiles (or frames) the vision tower sees", columns=5, height=320, preview=False,
                                      object_fit="contain", elem_id="tiles")
-                with gr.Accordion("Run: recipe and metrics.json", open=True):
-                    details = gr.Markdown(elem_id="run-details")
+                with gr.Accordion("Run: recipe, metrics.json and loss curve", open=True):
+                    with gr.Row():
+                        details = gr.Markdown(elem_id="run-details")
+                        curve = gr.Image(label="Loss curve", interactive=False, visible=False, elem_id="loss-curve",
+                                         type="pil")
 
-        run_outputs = [*tuned_answers, details, examples, examples_note, examples_state]
+        run_outputs = [*tuned_answers, details, curve, examples, examples_note, examples_state]
         base.change(on_base, base, runs)
         runs.change(on_runs, runs, run_outputs)
         demo.load(on_runs, runs, run_outputs)

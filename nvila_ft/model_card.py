@@ -1,5 +1,9 @@
 """A run folder's `README.md` (model card): base model, recipe summary, data, metrics, and how to use it.
 
+It opens with a Hugging Face metadata block (base_model, library_name peft, pipeline_tag, tags, datasets,
+metrics with their values as model-index), so a pushed run folder (`train.push_to_hub`) is shown on the
+Hub as an adapter of its base model.
+
     python -c "from nvila_ft.model_card import write_model_card; write_model_card('runs/medical')"
 
 Written by `nvila_ft.train` at the end of a run from the files the run saved (`recipe.yaml`,
@@ -10,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from nvila_ft.train.recipe_io import load_recipe
 
 CARD = "README.md"
+CURVE_FILE = "loss_curve.png"  # nvila_ft.train.curves.CURVE (not imported: the card needs no matplotlib)
 
 
 def _fmt(value) -> str:
@@ -40,6 +46,54 @@ def _prune_line(prune, stats: dict | None) -> list[str]:
     if stats:
         line += f"; {stats['rows_before']} -> {stats['rows_after']} train rows"
     return [line]
+
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_NOT_SCORES = ("n", "step", "runtime", "samples_per_second", "steps_per_second")
+
+
+def hub_base_model(model_path: str, local_path: str | None = None) -> str | None:
+    """The Hub id of the base model: `model.path` when it is one (owner/name, not a local folder), or the id
+    of a Hub cache snapshot folder (`.../models--owner--name/snapshots/<sha>`); None for another local folder
+    (the Hub refuses a base_model that is not a model id)."""
+    if _HUB_ID.match(model_path) and not Path(model_path).exists():
+        return model_path
+    for part in Path(local_path or model_path).parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--"):].replace("--", "/", 1)
+    return None
+
+
+def card_metadata(recipe, eval_metrics: dict, run_name: str, info: dict | None = None):
+    """The metadata block of a run's card as `huggingface_hub.ModelCardData`.
+
+    Args:
+        recipe: the run's `Recipe`; eval_metrics: `metrics.json`'s "eval" (numbers become model-index
+        results); run_name: the model's name in model-index; info: `run_info.json` (local base path).
+    """
+    from huggingface_hub import EvalResult, ModelCardData
+
+    d = recipe.data
+    base = hub_base_model(recipe.model.path, (info or {}).get("base_model_path"))
+    dataset = d.path if d.format == "hf" or (_HUB_ID.match(d.path) and not Path(d.path).exists()) else None
+    scores = {k: v for k, v in eval_metrics.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _NOT_SCORES}
+    modes = {recipe.tune.llm, recipe.tune.vision_tower}
+    tags = ["nvila", "nvila-ft", "vision-language", *sorted(m for m in modes if m in ("lora", "qlora"))]
+    if recipe.lora.use_dora and modes & {"lora", "qlora"}:
+        tags.append("dora")
+    results = [
+        EvalResult(task_type="visual-question-answering", dataset_type=dataset or Path(d.path).name or "local",
+                   dataset_name=f"{Path(d.path).name} ({d.eval_split})", dataset_split=d.eval_split,
+                   metric_type=name, metric_name=name, metric_value=value)
+        for name, value in scores.items()
+    ]
+    extra = {"base_model_relation": "adapter"} if base else {}
+    return ModelCardData(
+        base_model=base, library_name="peft", pipeline_tag="image-text-to-text", tags=tags,
+        datasets=[dataset] if dataset else None, metrics=list(scores) or None, model_name=run_name,
+        eval_results=results or None, **extra,
+    )
 
 
 def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None = None,
@@ -80,7 +134,12 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
         counts += f", {eval_samples} eval"
     eval_metrics = metrics.get("eval", {})
     run = folder.resolve()
+    meta = card_metadata(recipe, eval_metrics, run.name, info).to_yaml()
     lines = [
+        "---",
+        meta,
+        "---",
+        "",
         f"# {folder.resolve().name}",
         "",
         f"NVILA fine-tuned with nvila-ft from {base}.",
@@ -114,6 +173,7 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
         "",
         *_metrics_table(eval_metrics),
         "",
+        *([f"![loss curve]({CURVE_FILE})", ""] if (folder / CURVE_FILE).is_file() else []),
         "## Use it",
         "",
         "```python",
@@ -136,7 +196,8 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
         "`modules_to_save`, the projector, vision LayerNorms and parts trained in full), `processor_config.json` "
         "and tokenizer files, "
         "`recipe.yaml` (the full resolved recipe: `python -m nvila_ft.train recipe.yaml` reruns it), "
-        "`run_info.json` (package versions, git commit), `metrics.json`, `predictions_final.jsonl`.",
+        "`run_info.json` (package versions, git commit), `metrics.json`, `predictions_final.jsonl`, "
+        "`trainer_state.json` (the logged history), `loss_curve.png`, `logs/` (TensorBoard).",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in info.get('versions', {}).items() if v)}; "
         f"git commit {info.get('git_commit') or 'unknown'}.",

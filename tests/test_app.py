@@ -222,6 +222,17 @@ def test_run_summary_shows_recipe_and_metrics(tiny_runs, previewer):
     assert "No `metrics.json`" in previewer.run_summary("medical/checkpoint-2")
 
 
+def test_loss_curve_is_shown_with_the_run(tiny_runs, previewer):
+    from nvila_ft.train.curves import read_series
+
+    image = previewer.loss_curve("medical")
+    assert image is not None and image.size == (640, 360)  # loss_curve.png as the run wrote it
+    series = read_series(tiny_runs.runs / "medical" / "loss_curve.png")
+    assert [step for step, _ in series["train loss"]] == [1, 2]  # train.max_steps=2, logged every step
+    assert [step for step, _ in series["eval loss"]] == [2]  # the final evaluation
+    assert previewer.loss_curve("medical/checkpoint-2") is not None  # a checkpoint shows its run's curve
+
+
 def test_examples_come_from_the_eval_split(tiny_runs, previewer, tmp_path):
     rows, note = previewer.examples("medical", n=3)
     assert note is None and len(rows) == 3

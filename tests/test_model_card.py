@@ -18,7 +18,8 @@ def test_run_folder_readme_is_our_model_card(tiny_run, tiny_assets):
     metrics = json.loads((tiny_run.output_dir / "metrics.json").read_text())
 
     assert "More Information Needed" not in card  # PEFT's adapter card was replaced
-    assert card.startswith("# run\n") and str(tiny_assets.model) in card  # base model
+    assert card.startswith("---\n") and "\n---\n\n# run\n" in card  # Hub metadata block, then the title
+    assert str(tiny_assets.model) in card  # base model
     assert "| `llm` | lora | LoRA r 8, alpha 16, dropout 0.05, all-linear | 1.00e-02 |" in card  # recipe summary
     assert "| `vision_tower` | layernorm |  | 1.00e-03 |" in card
     assert "Optimizer steps: 3 " in card

@@ -14,6 +14,12 @@ from nvila_ft.demo import DemoError, check_demo_path, is_demo_path
 
 logger = logging.getLogger(__name__)
 
+# transformers report_to name -> the package it imports (transformers.integrations).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "neptune": "neptune", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                    "trackio": "trackio", "codecarbon": "codecarbon", "azure_ml": "azureml",
+                    "dagshub": "dagshub", "flyte": "flytekit"}
+
 # NVILA paper (arXiv 2412.04468), PEFT section: the vision tower's lr should be 5-50x lower than the LLM's.
 VISION_LR_RATIO_RANGE = (5.0, 50.0)
 
@@ -359,7 +365,9 @@ class TrainConfig(_Section):
     per_device_train_batch_size: int = Field(
         1, ge=1, description="Samples per GPU per step. Higher: more memory."
     )
-    per_device_eval_batch_size: int = Field(1, ge=1, description="Samples per GPU per eval-loss step.")
+    per_device_eval_batch_size: int = Field(
+        1, ge=1, description="Samples per GPU per eval-loss step (eval.batch_size is the generation batch)."
+    )
     gradient_accumulation_steps: int = Field(
         8,
         ge=1,
@@ -396,6 +404,31 @@ class TrainConfig(_Section):
         "predicted to need more stops before loading weights (--force trains anyway). null = the device's "
         "memory; on a machine without CUDA the check is skipped.",
     )
+    load_best_model_at_end: bool = Field(
+        False,
+        description="At the end, load the checkpoint with the best train.metric_for_best_model (evaluated every "
+        "eval.eval_steps; train.save_steps must be a multiple of it) and save that one in output_dir. The "
+        "save limit never deletes the best checkpoint. Small data that overfits (VQA-RAD, 3 epochs): true.",
+    )
+    metric_for_best_model: str = Field(
+        "loss",
+        description="What 'best' means: loss (eval loss, lower is better) or a number of eval.metric "
+        "(e.g. overall_accuracy for vqa_rad, anls; higher is better).",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop when train.metric_for_best_model has not improved for N evaluations in a row "
+        "(transformers EarlyStoppingCallback; needs load_best_model_at_end). null = train to the end.",
+    )
+    push_to_hub: bool = Field(
+        False,
+        description="At the end, upload the run folder (adapter, model card, loss curve, metrics; no "
+        "checkpoints) to the Hugging Face Hub repo train.hub_model_id. Needs a token (huggingface-cli login).",
+    )
+    hub_model_id: str | None = Field(
+        None, description="The Hub repo to push to, owner/name; null = the output_dir's folder name."
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -420,6 +453,26 @@ class TrainConfig(_Section):
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"train.lr_scheduler_type {value!r} is not a transformers SchedulerType; {hint}"
                              f"choose one of {names}.")
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
+        import importlib.util
+
+        for name in value:
+            if name in ("all", "none"):
+                continue
+            if name not in TRACKER_PACKAGES:
+                raise ValueError(
+                    f"train.report_to: unknown tracker {name!r}; choose from {sorted(TRACKER_PACKAGES)} or [] for none."
+                )
+            package = TRACKER_PACKAGES[name]
+            if importlib.util.find_spec(package) is None:
+                raise ValueError(
+                    f"train.report_to: {name} needs the {package} package, which is not installed: "
+                    f"pip install {package.replace('_', '-')}, or remove {name} from train.report_to."
+                )
         return value
 
     @field_validator("max_steps")
@@ -475,17 +528,25 @@ class EvalConfig(_Section):
     """Generation-based evaluation on data.eval_split (exact match / accuracy of the answers)."""
 
     enabled: bool = Field(
-        True, description="Evaluate (eval loss and generated answers). Needs data.eval_split."
+        True,
+        description="Evaluate on data.eval_split: eval loss (teacher-forced, the training loss on the eval rows, "
+        "batched by train.per_device_eval_batch_size) and generated answers scored by eval.metric. Needs "
+        "data.eval_split.",
     )
     eval_steps: int | None = Field(
-        None, ge=1, description="Evaluate every N steps too; null = only at the end."
+        None,
+        ge=1,
+        description="Evaluate every N optimizer steps too (both the loss and the answers); null = only at the end.",
     )
     max_new_tokens: int = Field(
         32, gt=0, description="Most tokens generated per answer. Short answers: keep it small."
     )
     batch_size: int = Field(8, ge=1, description="Samples per generation batch. Higher: faster, more memory.")
     max_samples: int | None = Field(
-        None, ge=1, description="Score only the first N eval samples by generation; null = all of them."
+        None,
+        ge=1,
+        description="Score only the first N eval samples by generation (the eval loss uses all, up to "
+        "data.max_eval_samples); null = all of them.",
     )
     metric: str = Field(
         "vqa_rad",
@@ -525,5 +586,36 @@ class Recipe(_Section):
             raise ValueError(
                 "eval.enabled is true but data.eval_split is null: name an eval split, "
                 "or set eval.enabled=false."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_best_model(self) -> Recipe:
+        t, e = self.train, self.eval
+        if t.early_stopping_patience is not None and not t.load_best_model_at_end:
+            raise ValueError(
+                "train.early_stopping_patience needs train.load_best_model_at_end=true (else the run keeps the "
+                "last, worse model). Set it, or early_stopping_patience=null."
+            )
+        if not t.load_best_model_at_end:
+            return self
+        if not e.enabled or e.eval_steps is None:
+            raise ValueError(
+                "train.load_best_model_at_end needs periodic evaluation: set eval.enabled=true and eval.eval_steps "
+                f"(e.g. eval.eval_steps={t.save_steps}, a divisor of train.save_steps)."
+            )
+        if t.save_steps % e.eval_steps:
+            raise ValueError(
+                f"train.save_steps={t.save_steps} must be a multiple of eval.eval_steps={e.eval_steps} with "
+                "train.load_best_model_at_end (a checkpoint is kept per evaluation). "
+                f"E.g. train.save_steps={e.eval_steps * max(1, t.save_steps // e.eval_steps)}."
+            )
+        from nvila_ft.metrics import METRICS
+
+        keys = ["loss", *(k for k in METRICS[e.metric](["yes"], ["yes"], ["CLOSED"]) if k != "n")]
+        if t.metric_for_best_model.removeprefix("eval_") not in keys:
+            raise ValueError(
+                f"train.metric_for_best_model={t.metric_for_best_model!r} is not a number eval.metric={e.metric} "
+                f"reports; choose one of {keys}."
             )
         return self

@@ -4,8 +4,9 @@
     python -m nvila_ft.train recipes/quickstart.yaml train.max_steps=10
 
 Steps: recipe -> checkpoint (hub id, folder or demo:<name>) -> data + preflight -> per-part tuning ->
-`transformers.Trainer` (resumable checkpoints, TensorBoard) -> peft adapter (LoRA + trained copies) ->
-VQA evaluation -> `metrics.json`.
+`transformers.Trainer` (resumable checkpoints, TensorBoard, eval loss + generated answers every
+`eval.eval_steps`, best checkpoint, early stopping) -> peft adapter (LoRA + trained copies) -> final evaluation ->
+`metrics.json`, `loss_curve.png`, model card (README.md) -> optional push to the Hub.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -24,17 +26,19 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
 from nvila_ft.data import VideoCheck, load_split, preflight
 from nvila_ft.evaluate import evaluate_samples
+from nvila_ft.metrics import PRIMARY
 from nvila_ft.model.checkpoint import DTYPES, nf4_config
 from nvila_ft.model.media import MediaConfig
 from nvila_ft.model.modeling import NvilaForConditionalGeneration
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.plan.report import check_budget
+from nvila_ft.train.curves import task_metric
 from nvila_ft.train.recipe import Recipe
 from nvila_ft.train.recipe_io import recipe_to_yaml
 from nvila_ft.train.tuning import (
@@ -44,6 +48,7 @@ from nvila_ft.train.tuning import (
     release_full_originals,
     trainable_table,
 )
+from nvila_ft.train.watch import LossCurve, WatchedTrainer, summary_line
 
 logger = logging.getLogger("nvila_ft.train")
 
@@ -117,8 +122,8 @@ def _image_size(image) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-class NvilaTrainer(Trainer):
-    """`transformers.Trainer` with no overrides: the model is a `PeftModel` whose adapter holds the LoRA weights
+class NvilaTrainer(WatchedTrainer):
+    """`transformers.Trainer` (eval answers and best-checkpoint choice from `WatchedTrainer`) with no save/load overrides: the model is a `PeftModel` whose adapter holds the LoRA weights
     and the copies of the parts trained in full (peft `modules_to_save`, see
     :func:`nvila_ft.train.tuning.apply_tuning`), so Trainer's own PEFT save and resume cover everything the
     recipe trains."""
@@ -128,6 +133,10 @@ class DenseLog(ProgressCallback):
     """Progress bar plus one dense line per logging step: `step | loss | lr | samples/s | mem`."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "eval_loss" in logs:
+            numbers = [f"{k[5:]} {v:.4f}" for k, v in logs.items() if k.startswith("eval_") and isinstance(v, float)
+                       and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")]
+            self._write(f"eval step {state.global_step} | " + " | ".join(numbers))
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         if torch.cuda.is_available():
@@ -139,8 +148,10 @@ class DenseLog(ProgressCallback):
         done = state.global_step - getattr(self, "_last_step", 0)
         self._last_step = state.global_step
         rate = done * args.per_device_train_batch_size * args.gradient_accumulation_steps / max(elapsed, 1e-9)
-        line = (f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
-                f"lr {logs.get('learning_rate', 0):.2e} | {rate:.2f} samples/s | mem {mem}")
+        self._write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
+                    f"lr {logs.get('learning_rate', 0):.2e} | {rate:.2f} samples/s | mem {mem}")
+
+    def _write(self, line: str) -> None:
         if self.training_bar is not None:
             self.training_bar.write(line)
         else:
@@ -149,19 +160,6 @@ class DenseLog(ProgressCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         self._t0, self._last_step = time.time(), state.global_step
-
-
-class PeriodicEval(TrainerCallback):
-    """Generation-based VQA evaluation every `eval.eval_steps` optimizer steps."""
-
-    def __init__(self, run):
-        self.run = run
-
-    def on_step_end(self, args, state, control, **kwargs):
-        every = self.run.recipe.eval.eval_steps
-        if every and state.global_step % every == 0 and state.global_step < state.max_steps:
-            metrics = self.run.evaluate(tag=f"step{state.global_step}")
-            self.run.trainer.log({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, float)})
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -293,7 +291,7 @@ class TrainingRun:
     def load_data(self) -> None:
         d = self.recipe.data
         given_train, given_eval = self.given_samples
-        limit = self.recipe.eval.max_samples or d.max_eval_samples
+        limit = self.recipe.eval.max_samples
         if given_train is not None:
             train = given_train[: d.max_train_samples]
         else:
@@ -306,16 +304,22 @@ class TrainingRun:
         self.train_samples = check_samples(self.recipe, self.processor, train, "train")
         if not self.train_samples:
             raise RuntimeError(f"{d.path}: no usable training rows in split {d.train_split!r}")
-        self.eval_samples = []
+        # eval_loss_samples: the eval loss (up to data.max_eval_samples); eval_samples: the first
+        # eval.max_samples of them, also answered by generation.
+        self.eval_loss_samples = []
         if given_eval is not None:
-            self.eval_samples = check_samples(self.recipe, self.processor, given_eval[:limit], "eval")
+            self.eval_loss_samples = check_samples(self.recipe, self.processor, given_eval[: d.max_eval_samples],
+                                                   "eval")
         elif self.recipe.eval.enabled and d.eval_split and given_train is None:
-            self.eval_samples = prepare_data(self.recipe, self.processor, d.eval_split, limit)
+            self.eval_loss_samples = prepare_data(self.recipe, self.processor, d.eval_split, d.max_eval_samples)
+        self.eval_samples = self.eval_loss_samples[:limit]
 
-    def build_trainer(self) -> NvilaTrainer:
-        r, t = self.recipe, self.recipe.train
+    def training_arguments(self) -> TrainingArguments:
+        """The recipe as `TrainingArguments` (no network: the Hub repo is created when the Trainer is built)."""
+        r, t, e = self.recipe, self.recipe.train, self.recipe.eval
         mp = r.train.resolved_mixed_precision()
-        args = TrainingArguments(
+        periodic = bool(self.eval_loss_samples) and e.eval_steps is not None
+        return TrainingArguments(
             output_dir=str(self.output_dir), per_device_train_batch_size=t.per_device_train_batch_size,
             per_device_eval_batch_size=t.per_device_eval_batch_size,
             gradient_accumulation_steps=t.gradient_accumulation_steps, num_train_epochs=t.num_train_epochs,
@@ -326,17 +330,33 @@ class TrainingRun:
             bf16=mp == "bf16", fp16=mp == "fp16", report_to=t.report_to, remove_unused_columns=False,
             label_names=["labels"], dataloader_num_workers=t.dataloader_num_workers,
             use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
+            eval_strategy="steps" if periodic else "no", eval_steps=e.eval_steps if periodic else None,
+            load_best_model_at_end=t.load_best_model_at_end and periodic,
+            metric_for_best_model=f"eval_{t.metric_for_best_model.removeprefix('eval_')}"
+            if t.load_best_model_at_end else None,
+            push_to_hub=t.push_to_hub, hub_model_id=t.hub_model_id, hub_strategy="end",
         )
+
+    def build_trainer(self) -> NvilaTrainer:
+        t = self.recipe.train
+        args = self.training_arguments()
         groups = param_groups(self.model, t)
         print(trainable_table(base_model(self.model), groups), flush=True)
         optimizer = torch.optim.AdamW(
             [{k: v for k, v in g.items() if k not in ("names", "name")} for g in groups], lr=t.lr,
             weight_decay=t.weight_decay)
+        # With load_best_model_at_end the Trainer reloads the best adapter, trained copies included (peft).
+        callbacks = [LossCurve(self.output_dir, self.metric_name)]
+        if t.early_stopping_patience is not None:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
         self.trainer = NvilaTrainer(
             model=self.model, args=args, train_dataset=SupervisedDataset(self.train_samples, self.processor),
+            eval_dataset=SupervisedDataset(self.eval_loss_samples, self.processor) if self.eval_loss_samples else None,
             data_collator=self.processor.collate, processing_class=self.processor.tokenizer,
-            optimizers=(optimizer, None), callbacks=[PeriodicEval(self)],
+            optimizers=(optimizer, None), callbacks=callbacks,
         )
+        self.trainer.answer_metrics = self.answer_metrics if self.eval_samples else None
+        self.trainer.write_card = self.write_model_card
         self.trainer.remove_callback(ProgressCallback)
         self.trainer.add_callback(DenseLog())
         for callback in self.trainer.callback_handler.callbacks:
@@ -355,7 +375,20 @@ class TrainingRun:
             raise FileNotFoundError(f"train.resume_from_checkpoint: {value} is not a checkpoint folder")
         return value
 
+    @property
+    def metric_name(self) -> str | None:
+        """The task metric's headline number (e.g. overall_accuracy), plotted and printed; None if unknown."""
+        if isinstance(self.metric, str):
+            return PRIMARY.get(self.metric)
+        return None
+
+    def answer_metrics(self) -> dict:
+        """Generated-answer metrics at a Trainer evaluation (predictions_step<N>.jsonl, or _final after training)."""
+        in_train = getattr(self, "_in_train", False)
+        return self.evaluate(f"step{self.trainer.state.global_step}" if in_train else "final")
+
     def evaluate(self, tag: str = "final") -> dict:
+        """Generated answers to the eval samples, scored; writes `predictions_<tag>.jsonl`."""
         e = self.recipe.eval
         if not self.eval_samples:
             return {}
@@ -381,22 +414,62 @@ class TrainingRun:
         resume = self.resume_path()
         if resume:
             logger.info("resuming from %s", resume)
-        result = self.trainer.train(resume_from_checkpoint=resume)
+        started = time.time()
+        self._in_train = True
+        try:
+            result = self.trainer.train(resume_from_checkpoint=resume)
+        finally:
+            self._in_train = False
         self.trainer.save_model(str(self.output_dir))
         metrics = {"train": {k: v for k, v in result.metrics.items()}, "train_samples": len(self.train_samples)}
         if getattr(self, "prune_stats", None):
             metrics["prune"] = self.prune_stats
-        eval_metrics = self.evaluate("final")
+        eval_metrics = self.final_evaluation()
         if eval_metrics:
             metrics["eval"] = eval_metrics
-            self.trainer.log({f"eval_{k}": v for k, v in eval_metrics.items() if isinstance(v, float)})
+        state = self.trainer.state
+        if state.best_model_checkpoint:
+            metrics["best"] = {"checkpoint": Path(state.best_model_checkpoint).name,
+                               "metric": self.trainer.args.metric_for_best_model, "value": state.best_metric}
         if self.trainer.args.should_save:
+            self.trainer.save_state()  # trainer_state.json: the whole log history, for the curve and the app
             tmp = self.output_dir / "metrics.json.tmp"
             tmp.write_text(json.dumps(metrics, indent=2))
             os.replace(tmp, self.output_dir / "metrics.json")
             print(json.dumps(metrics, indent=2), flush=True)
+            LossCurve(self.output_dir, self.metric_name).draw(state)  # with the final evaluation
             self.write_model_card()
+            print(summary_line(state, metrics, time.time() - started, self.output_dir,
+                               self.metric_name or task_metric(state.log_history)), flush=True)
+        if self.recipe.train.push_to_hub:
+            url = self.trainer.push_to_hub(commit_message=f"nvila-ft: {self.output_dir.name}, step {state.global_step}")
+            logger.info("pushed %s to %s", self.output_dir, url)
         return metrics
+
+    def final_evaluation(self) -> dict:
+        """The eval metrics of the model the run folder holds, `eval_` dropped (loss, answer metrics, step).
+
+        The Trainer already evaluated at the last step when `eval.eval_steps` is set, and at the best step
+        when it loaded the best checkpoint: those numbers (and predictions) are reused, not recomputed.
+        Otherwise the Trainer evaluates now (logged like a periodic evaluation, at the last step).
+        """
+        if not self.eval_loss_samples:
+            return {}
+        state, args = self.trainer.state, self.trainer.args
+        step = state.global_step
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[1])
+        done = [h for h in state.log_history if h.get("step") == step and "eval_loss" in h]
+        if done:
+            entry = done[-1]
+            predictions = self.output_dir / f"predictions_step{step}.jsonl"
+            if predictions.is_file() and args.should_save:
+                shutil.copyfile(predictions, self.output_dir / "predictions_final.jsonl")
+        else:
+            entry = self.trainer.evaluate()
+        skip = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+        result = {k[5:]: v for k, v in entry.items() if k.startswith("eval_") and k not in skip}
+        return {**result, "step": step}
 
     def write_model_card(self) -> Path:
         """`README.md` in the run folder (after PEFT's own adapter card, which it replaces)."""
