@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 
 from nvila_ft.train.recipe_io import load_recipe
@@ -96,9 +97,23 @@ def card_metadata(recipe, eval_metrics: dict, run_name: str, info: dict | None =
     )
 
 
+GENERIC_NAMES = {"output", "outputs", "out", "final"}  # run folder names that say nothing: the parent's is used
+
+
+def run_title(output_dir: str, base_model: str) -> str:
+    """The card's title: the run's name and its base model, e.g. `quickstart: tiny-nvila fine-tuned with
+    nvila-ft` for `runs/quickstart/output` from `demo:tiny-nvila`."""
+    parts = [p for p in Path(output_dir).parts if p not in ("/", ".", "..")]
+    name = parts[-1] if parts else "run"
+    if name in GENERIC_NAMES and len(parts) > 1:
+        name = parts[-2]
+    base = base_model.removeprefix("demo:").rstrip("/").rsplit("/", 1)[-1]
+    return f"{name}: {base} fine-tuned with nvila-ft"
+
+
 def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None = None,
                       eval_samples: int | None = None, data_source: str | None = None,
-                      metric: str | None = None, steps: int | None = None) -> str:
+                      metric: str | None = None, steps: int | None = None, epochs: float | None = None) -> str:
     """The model card text of a run folder (see :func:`write_model_card`).
 
     Args:
@@ -106,7 +121,9 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
         train_samples, eval_samples: sample counts used (after preflight).
         data_source: describes data that did not come from `data.path` (Python API samples).
         metric: the eval metric's name when it is not the recipe's `eval.metric`.
-        steps: optimizer steps run; default the recipe's `max_steps`.
+        steps: optimizer steps run; default metrics.json's `train.global_step`, else the recipe's `max_steps`.
+        epochs: passes over the training split done (trainer state `epoch`); default metrics.json's
+            `train.epoch`.
 
     Raises:
         RecipeError: the run has no readable `recipe.yaml`.
@@ -128,19 +145,21 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
                       + (", DoRA" if lora.use_dora else "") + ("; 4-bit nf4 base" if mode == "qlora" else ""))
         return f"| `{name}` | {mode} | {detail} | {'-' if mode == 'frozen' else f'{lrs[name]:.2e}'} |"
 
-    steps = steps if steps is not None else (t.max_steps if t.max_steps > 0 else None)
+    done = metrics.get("train", {})
+    steps = steps if steps is not None else done.get("global_step", t.max_steps if t.max_steps > 0 else None)
+    epochs = epochs if epochs is not None else done.get("epoch")
     counts = f"{train_samples} train" if train_samples is not None else ""
     if eval_samples:
         counts += f", {eval_samples} eval"
     eval_metrics = metrics.get("eval", {})
-    run = folder.resolve()
-    meta = card_metadata(recipe, eval_metrics, run.name, info).to_yaml()
+    meta = card_metadata(recipe, eval_metrics, folder.resolve().name, info).to_yaml()
+    run = shlex.quote(str(Path(t.output_dir)))  # as the user wrote it (relative to where they train it)
     lines = [
         "---",
         meta,
         "---",
         "",
-        f"# {folder.resolve().name}",
+        f"# {run_title(t.output_dir, m.path)}",
         "",
         f"NVILA fine-tuned with nvila-ft from {base}.",
         "",
@@ -155,7 +174,8 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
         part("vision_tower", tune.vision_tower),
         part("mm_projector", tune.mm_projector),
         "",
-        f"Optimizer steps: {_fmt(steps)} (epochs {t.num_train_epochs}, max_steps {t.max_steps}); batch "
+        f"Optimizer steps: {_fmt(steps)} ({'?' if epochs is None else f'{epochs:.3g}'} epochs of the training "
+        f"split; recipe: num_train_epochs {t.num_train_epochs:g}, max_steps {t.max_steps}); batch "
         f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation per device; "
         f"{t.lr_scheduler_type} schedule, warmup {t.warmup_ratio}; seed {t.seed}; weights {m.dtype}; image "
         f"tiling {m.image_aspect_ratio or 'from the checkpoint'}"
@@ -179,7 +199,7 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
         "```python",
         "from nvila_ft import generate, load_model",
         "",
-        f'model, processor = load_model("{run}")',
+        f"model, processor = load_model({json.dumps(str(Path(t.output_dir)))})",
         'print(generate(model, processor, "image.png", "What is shown?"))',
         "```",
         "",

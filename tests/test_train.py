@@ -346,6 +346,19 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(trained, resumed):
     assert losses(resumed.run.trainer.state.log_history) == losses(trained.run.trainer.state.log_history)
 
 
+@pytest.mark.slow
+def test_resumed_run_reports_the_whole_runs_figures(trained, resumed):
+    # metrics.json and the card of the resumed run give the loss of all 8 steps (from the trainer state's
+    # history), not of the 4 steps after the resume: the same figures as the uninterrupted run.
+    whole = sum(losses(trained.run.trainer.state.log_history).values()) / 8
+    for done in (resumed, trained):
+        train = json.loads((done.out / "metrics.json").read_text())["train"]
+        assert train["train_loss"] == pytest.approx(whole, rel=1e-9)
+        assert (train["global_step"], train["epoch"]) == (8, 4.0)  # 8 steps x batch 2 over 4 rows
+        card = (done.out / "README.md").read_text()
+        assert f"Final training loss: {whole:.4f}." in card and "Optimizer steps: 8 (4 epochs" in card
+
+
 def test_latest_checkpoint_skips_half_written_folders(tmp_path):
     assert latest_checkpoint(tmp_path / "missing") is None
     for step, complete in [(4, True), (9, True), (10, True), (12, False)]:

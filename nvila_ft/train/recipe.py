@@ -317,7 +317,8 @@ class DataConfig(_Section):
     )
     preflight: bool = Field(
         True,
-        description="Check every row (images open, lengths fit) before training starts, to fail in seconds.",
+        description="Check every row (images open, lengths fit) before training starts, to fail in seconds. "
+        "false: a row that fails at train time is left out of its batch, logged and counted (bad_rows.jsonl).",
     )
     prune: PruneConfig = Field(
         default_factory=PruneConfig,
@@ -388,8 +389,9 @@ class TrainConfig(_Section):
     )
     resume_from_checkpoint: str = Field(
         "auto",
-        description="auto: resume from the latest checkpoint-* in output_dir if any. never: start fresh. "
-        "Or a checkpoint folder.",
+        description="auto: resume from the newest usable checkpoint-* in output_dir, or report a finished run "
+        "and stop. never: start over (the folder's earlier checkpoints and metrics.json are removed). Or a "
+        "checkpoint folder.",
     )
     report_to: list[str] = Field(
         default_factory=lambda: ["tensorboard"], description="Trackers (transformers report_to); [] = none."

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, TrainerState, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
@@ -38,6 +38,20 @@ from nvila_ft.model.media import MediaConfig
 from nvila_ft.model.modeling import NvilaForConditionalGeneration
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.plan.report import check_budget
+from nvila_ft.train.checkpoints import (
+    ADAPTER,
+    LogAtSave,
+    ResumePlan,
+    append_bad_row,
+    finished_message,
+    latest_checkpoint,  # noqa: F401 - re-exported: nvila_ft.train.trainer.latest_checkpoint
+    plan_resume,
+    publish_checkpoint,
+    read_bad_rows,
+    remove_stale,
+    staging_dir,
+    whole_run_loss,
+)
 from nvila_ft.train.curves import task_metric
 from nvila_ft.train.recipe import Recipe
 from nvila_ft.train.recipe_io import recipe_to_yaml
@@ -54,31 +68,52 @@ logger = logging.getLogger("nvila_ft.train")
 
 # ---------------------------------------------------------------------------------------------- data
 class SupervisedDataset(Dataset):
-    """Encodes samples lazily; a row that fails at training time is logged and replaced by the next one.
+    """Encodes samples lazily; a row that fails at training time is dropped from its batch, never replaced.
 
-    Preflight already refused bad rows; this guards against files that change during a long run
-    (a bad row must never kill a run after an hour of training).
+    Preflight (`data.preflight`) refuses bad rows before training; this guards against rows it did not check
+    (`data.preflight: false`) and files that change during a long run: a bad row must not kill a run after
+    an hour of training, nor be silently swapped for another row. `__getitem__` returns `{"bad_row": {...}}`
+    (source file, row index, id, error) for it; :meth:`collate` leaves it out of the batch and passes the
+    record on as `batch["bad_rows"]`, which :class:`NvilaTrainer` counts (metrics.json `bad_rows_in_training`).
+    Both run in the DataLoader workers, so the record travels with the batch to the main process.
     """
 
     def __init__(self, samples: list[dict], processor: NvilaProcessor, max_failures: int = 100):
-        self.samples, self.processor, self.max_failures, self.failures = samples, processor, max_failures, 0
+        self.samples, self.processor, self.max_failures = samples, processor, max_failures
+        self.failed: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        for offset in range(len(self.samples)):
-            sample = self.samples[(index + offset) % len(self.samples)]
-            try:
-                return self.processor(sample["conversations"], sample.get("images", []), sample_id=sample.get("id"),
-                                      videos=sample.get("videos", []))
-            except Exception as err:  # noqa: BLE001 - any failure of one row is reported, not fatal
-                self.failures += 1
-                logger.error("skipping %s[%s] id=%s at train time: %s", sample.get("source"), sample.get("index"),
-                             sample.get("id"), err)
-                if self.failures > self.max_failures:
-                    raise RuntimeError(f"more than {self.max_failures} rows failed at train time") from err
-        raise RuntimeError("no sample of the dataset can be encoded")
+        sample = self.samples[index]
+        try:
+            return self.processor(sample["conversations"], sample.get("images", []), sample_id=sample.get("id"),
+                                  videos=sample.get("videos", []))
+        except Exception as err:  # noqa: BLE001 - any failure of one row is reported, not fatal
+            where = {"source": str(sample.get("source")), "index": sample.get("index"), "id": sample.get("id")}
+            if index not in self.failed:
+                self.failed.add(index)
+                logger.error("skipping row %s[%s] id=%s at train time (not replaced): %s", where["source"],
+                             where["index"], where["id"], err)
+            if len(self.failed) > self.max_failures:
+                raise RuntimeError(f"more than {self.max_failures} rows failed at train time; the last: "
+                                   f"{where['source']}[{where['index']}]: {err}") from err
+            return {"bad_row": {**where, "error": str(err).splitlines()[0] if str(err) else type(err).__name__}}
+
+    def collate(self, features: list[dict]) -> dict:
+        """`processor.collate` of the rows that encoded; `bad_rows` lists the others. A batch of bad rows only
+        is empty (`input_ids` (0, 1)), which the trainer skips."""
+        good = [f for f in features if "bad_row" not in f]
+        bad = [f["bad_row"] for f in features if "bad_row" in f]
+        if good:
+            batch = self.processor.collate(good)
+        else:
+            empty = torch.zeros(0, 1, dtype=torch.long)
+            batch = {"input_ids": empty, "attention_mask": empty, "labels": empty}
+        if bad:
+            batch["bad_rows"] = bad
+        return batch
 
 
 def prepare_data(recipe: Recipe, processor: NvilaProcessor, split: str, max_samples: int | None) -> list[dict]:
@@ -123,10 +158,57 @@ def _image_size(image) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------- trainer
 class NvilaTrainer(WatchedTrainer):
-    """`transformers.Trainer` (eval answers and best-checkpoint choice from `WatchedTrainer`) with no save/load overrides: the model is a `PeftModel` whose adapter holds the LoRA weights
-    and the copies of the parts trained in full (peft `modules_to_save`, see
-    :func:`nvila_ft.train.tuning.apply_tuning`), so Trainer's own PEFT save and resume cover everything the
-    recipe trains."""
+    """`transformers.Trainer` (eval answers and the best-checkpoint choice from `WatchedTrainer`) with short overrides.
+
+    The model is a `PeftModel` whose adapter holds the LoRA weights and the copies of the parts trained in full
+    (peft `modules_to_save`, see :func:`nvila_ft.train.tuning.apply_tuning`), so Trainer's own PEFT save and
+    resume cover everything the recipe trains. Overridden: checkpoints are staged and renamed into place
+    (`_save_checkpoint`, `_get_output_dir`), and rows that failed to encode are counted (`training_step`) or
+    left out of an evaluation batch (`prediction_step`).
+    """
+
+    _staging: str | None = None
+    _bad_rows_seen: set | None = None
+
+    def _save_checkpoint(self, model, trial):
+        # Trainer writes checkpoint-<step> in place, file by file: a job killed mid-save leaves a folder that
+        # looks like a checkpoint. Its own save (adapter, optimizer, scheduler, RNG, trainer_state, rotation) runs
+        # unchanged into a staging folder, renamed into place once complete. The hook is `_get_output_dir`, the
+        # one place the save asks for its folder; copying `_save_checkpoint` (~60 lines) would fork transformers.
+        step, main = self.state.global_step, self.args.should_save
+        self._staging = staging_dir(self.args.output_dir, step, main_process=main)
+        self.accelerator.wait_for_everyone()  # staging cleared before any process writes its RNG state
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every process wrote its files
+        if main:
+            publish_checkpoint(self.args.output_dir, step, self.args.save_total_limit)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Rows SupervisedDataset could not encode were left out of the batch; they are recorded here, in the
+        # training process (the DataLoader workers' state is lost). A batch left with no row trains nothing:
+        # zero loss, no forward, so no gradient from it.
+        for row in inputs.pop("bad_rows", None) or []:
+            if self._bad_rows_seen is None:
+                self._bad_rows_seen = set()
+            if (row["source"], row["index"]) not in self._bad_rows_seen:
+                self._bad_rows_seen.add((row["source"], row["index"]))
+                append_bad_row(self.args.output_dir, row)  # each process appends its own rows, a line each
+        if inputs["input_ids"].shape[0] == 0:
+            return torch.zeros((), device=self.args.device)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # An eval row that failed to encode is left out of its batch (see SupervisedDataset.collate).
+        inputs.pop("bad_rows", None)
+        if inputs["input_ids"].shape[0] == 0:
+            return None, None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
 
 class DenseLog(ProgressCallback):
@@ -163,15 +245,6 @@ class DenseLog(ProgressCallback):
 
 
 # ---------------------------------------------------------------------------------------------- run
-def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """Newest `checkpoint-<step>` folder that was completely written (has `trainer_state.json`, saved last)."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
-    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
-
-
 def undo_kbit_upcast(llm: nn.Module, dtype: torch.dtype) -> None:
     """Casts the frozen LLM weights that `prepare_model_for_kbit_training` upcast to fp32 back to `dtype`.
 
@@ -229,6 +302,7 @@ class TrainingRun:
         self.force = force  # train even if the memory plan predicts more than train.gpu_memory_gb
         self.output_dir = Path(recipe.train.output_dir)
         self.trainer: NvilaTrainer | None = None
+        self.model = self.processor = None  # set by load_model; stay None when run() finds the run finished
         self.given_samples = (train_samples, eval_samples)
         self.metric = metric if metric is not None else recipe.eval.metric
 
@@ -346,13 +420,14 @@ class TrainingRun:
             [{k: v for k, v in g.items() if k not in ("names", "name")} for g in groups], lr=t.lr,
             weight_decay=t.weight_decay)
         # With load_best_model_at_end the Trainer reloads the best adapter, trained copies included (peft).
-        callbacks = [LossCurve(self.output_dir, self.metric_name)]
+        callbacks = [LossCurve(self.output_dir, self.metric_name), LogAtSave()]
         if t.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+        dataset = SupervisedDataset(self.train_samples, self.processor)
         self.trainer = NvilaTrainer(
-            model=self.model, args=args, train_dataset=SupervisedDataset(self.train_samples, self.processor),
+            model=self.model, args=args, train_dataset=dataset,
             eval_dataset=SupervisedDataset(self.eval_loss_samples, self.processor) if self.eval_loss_samples else None,
-            data_collator=self.processor.collate, processing_class=self.processor.tokenizer,
+            data_collator=dataset.collate, processing_class=self.processor.tokenizer,
             optimizers=(optimizer, None), callbacks=callbacks,
         )
         self.trainer.answer_metrics = self.answer_metrics if self.eval_samples else None
@@ -365,15 +440,13 @@ class TrainingRun:
         return self.trainer
 
     # -- run
-    def resume_path(self) -> str | None:
-        value = self.recipe.train.resume_from_checkpoint
-        if value == "never":
-            return None
-        if value == "auto":
-            return latest_checkpoint(self.output_dir)
-        if not Path(value).is_dir():
-            raise FileNotFoundError(f"train.resume_from_checkpoint: {value} is not a checkpoint folder")
-        return value
+    def resume_plan(self) -> ResumePlan:
+        """What to do with `train.output_dir`: finished, resume from a checkpoint, or start (see
+        :func:`nvila_ft.train.checkpoints.plan_resume`; raises its `RunStateError`, a user error)."""
+        plan = plan_resume(self.recipe.train)
+        if plan.checkpoint and plan.finished is None:
+            logger.info("resuming from %s", plan.checkpoint)
+        return plan
 
     @property
     def metric_name(self) -> str | None:
@@ -401,33 +474,52 @@ class TrainingRun:
         return metrics
 
     def run(self) -> dict:
-        """Bootstrap, load, train (resuming if a checkpoint exists), save, evaluate. Returns metrics."""
+        """Bootstrap, load, train (resuming if a checkpoint exists), save, evaluate. Returns metrics.
+
+        A finished run in `train.output_dir` is reported and left as it is (returns its metrics.json); a
+        `train.max_steps` below the steps trained there is a `RunStateError` (see :meth:`resume_plan`).
+        """
+        plan = self.resume_plan()  # before anything is built, loaded or written
+        if plan.finished is not None:
+            print(finished_message(self.recipe.train.output_dir, plan.finished), flush=True)
+            return plan.finished
         self.bootstrap()
         check_budget(self.recipe, force=self.force)  # before any weight is loaded (nvila_ft.plan)
         self.load_model()
         self.load_data()
         self.build_trainer()
+        if self.trainer.args.should_save:
+            remove_stale(plan.stale)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
         self.processor.save_pretrained(self.output_dir)
         (self.output_dir / "run_info.json").write_text(json.dumps(run_info(self.recipe), indent=2))
-        resume = self.resume_path()
-        if resume:
-            logger.info("resuming from %s", resume)
         started = time.time()
         self._in_train = True
         try:
-            result = self.trainer.train(resume_from_checkpoint=resume)
+            if plan.trained:
+                # Training reached its target in the checkpoint, the end of the run did not happen. Trainer.train
+                # would run one more step (it checks the target after a step): load adapter and state as its resume does.
+                logger.info("%s reached the target step; finishing the run without training", plan.checkpoint)
+                self.model.load_adapter(plan.checkpoint, adapter_name="default", is_trainable=True)
+                self.trainer.state = TrainerState.load_from_json(os.path.join(plan.checkpoint, "trainer_state.json"))
+                this_call = {}
+            else:
+                this_call = self.trainer.train(resume_from_checkpoint=plan.checkpoint).metrics
         finally:
             self._in_train = False
         self.trainer.save_model(str(self.output_dir))
-        metrics = {"train": {k: v for k, v in result.metrics.items()}, "train_samples": len(self.train_samples)}
+        state = self.trainer.state
+        # The whole run's figures (across resumes) from the trainer state; speeds and runtime of this call.
+        train = {**this_call, "train_loss": whole_run_loss(state.log_history), "global_step": state.global_step,
+                 "max_steps": state.max_steps, "num_train_epochs": state.num_train_epochs, "epoch": state.epoch}
+        metrics = {"train": train, "train_samples": len(self.train_samples),
+                   "bad_rows_in_training": len(read_bad_rows(self.output_dir))}
         if getattr(self, "prune_stats", None):
             metrics["prune"] = self.prune_stats
         eval_metrics = self.final_evaluation()
         if eval_metrics:
             metrics["eval"] = eval_metrics
-        state = self.trainer.state
         if state.best_model_checkpoint:
             metrics["best"] = {"checkpoint": Path(state.best_model_checkpoint).name,
                                "metric": self.trainer.args.metric_for_best_model, "value": state.best_metric}
@@ -444,6 +536,10 @@ class TrainingRun:
         if self.recipe.train.push_to_hub:
             url = self.trainer.push_to_hub(commit_message=f"nvila-ft: {self.output_dir.name}, step {state.global_step}")
             logger.info("pushed %s to %s", self.output_dir, url)
+        if self.trainer.args.should_save:  # the last line: where the results are
+            out = Path(self.recipe.train.output_dir)  # as the user wrote it
+            print(f"adapter {out / ADAPTER}, metrics {out / 'metrics.json'}, model card {out / 'README.md'}",
+                  flush=True)
         return metrics
 
     def final_evaluation(self) -> dict:
@@ -479,4 +575,5 @@ class TrainingRun:
         metric = self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "custom")
         return write_model_card(self.output_dir, train_samples=len(self.train_samples),
                                 eval_samples=len(self.eval_samples), data_source=data, metric=metric,
-                                steps=self.trainer.state.global_step if self.trainer else None)
+                                steps=self.trainer.state.global_step if self.trainer else None,
+                                epochs=self.trainer.state.epoch if self.trainer else None)
