@@ -1,0 +1,106 @@
+"""Training data as the Trainer sees it: encoded lazily by the processor (`SupervisedDataset`), after the
+recipe's preflight (`check_samples`); rows that fail at train time are left out of their batch and recorded."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import Dataset
+
+from nvila_ft.data import VideoCheck, load_split, preflight
+from nvila_ft.model.processing import NvilaProcessor
+from nvila_ft.train.recipe import Recipe
+
+logger = logging.getLogger("nvila_ft.train")
+
+
+class SupervisedDataset(Dataset):
+    """Encodes samples lazily; a row that fails at training time is dropped from its batch, never replaced.
+
+    Preflight (`data.preflight`) refuses bad rows before training; this guards against rows it did not check
+    (`data.preflight: false`) and files that change during a long run: a bad row must not kill a run after
+    an hour of training, nor be silently swapped for another row. `__getitem__` returns `{"bad_row": {...}}`
+    (source file, row index, id, error) for it; :meth:`collate` leaves it out of the batch and passes the
+    record on as `batch["bad_rows"]`, which :class:`NvilaTrainer` counts (metrics.json `bad_rows_in_training`).
+    Both run in the DataLoader workers, so the record travels with the batch to the main process.
+    """
+
+    def __init__(self, samples: list[dict], processor: NvilaProcessor, max_failures: int = 100):
+        self.samples, self.processor, self.max_failures = samples, processor, max_failures
+        self.failed: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        try:
+            return self.processor(sample["conversations"], sample.get("images", []), sample_id=sample.get("id"),
+                                  videos=sample.get("videos", []))
+        except Exception as err:  # noqa: BLE001 - any failure of one row is reported, not fatal
+            where = {"source": str(sample.get("source")), "index": sample.get("index"), "id": sample.get("id")}
+            if index not in self.failed:
+                self.failed.add(index)
+                logger.error("skipping row %s[%s] id=%s at train time (not replaced): %s", where["source"],
+                             where["index"], where["id"], err)
+            if len(self.failed) > self.max_failures:
+                raise RuntimeError(f"more than {self.max_failures} rows failed at train time; the last: "
+                                   f"{where['source']}[{where['index']}]: {err}") from err
+            return {"bad_row": {**where, "error": str(err).splitlines()[0] if str(err) else type(err).__name__}}
+
+    def collate(self, features: list[dict]) -> dict:
+        """`processor.collate` of the rows that encoded; `bad_rows` lists the others. A batch of bad rows only
+        is empty (`input_ids` (0, 1)), which the trainer skips."""
+        good = [f for f in features if "bad_row" not in f]
+        bad = [f["bad_row"] for f in features if "bad_row" in f]
+        if good:
+            batch = self.processor.collate(good)
+        else:
+            empty = torch.zeros(0, 1, dtype=torch.long)
+            batch = {"input_ids": empty, "attention_mask": empty, "labels": empty}
+        if bad:
+            batch["bad_rows"] = bad
+        return batch
+
+
+def prepare_data(recipe: Recipe, processor: NvilaProcessor, split: str, max_samples: int | None) -> list[dict]:
+    """Loads one split and runs the preflight (all rows checked, bad rows reported with file and index)."""
+    return check_samples(recipe, processor, load_split(recipe.data, split, max_samples), split)
+
+
+def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict], split: str) -> list[dict]:
+    """Preflight of loaded samples per the recipe (`data.preflight`, `data.on_bad_row`); returns the good ones."""
+    d = recipe.data
+    if not d.preflight:
+        return samples
+
+    def length_fn(sample: dict) -> int:
+        sizes = [_image_size(im) for im in sample.get("images", [])]
+        return processor.num_tokens(sample["conversations"], sizes, sample.get("video_frames", ()))
+
+    video_check = VideoCheck.for_media(processor.media, short_videos=d.short_videos, sample=d.preflight_video_sample,
+                                       seed=recipe.train.seed, cache_dir=d.video_cache_dir,
+                                       tokens_fn=processor.count_video_tokens)
+    report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=length_fn, max_length=processor.max_length,
+                       video_check=video_check)
+    lines = report.summary().splitlines()
+    logger.info("%s split: %s", split, lines[0])
+    video_lines = [line for line in lines if line.startswith("video rows:")]
+    if video_lines:
+        pool = [list(p) for p in processor.pool_sizes] or "none"
+        logger.info("%s split: %s; %d frames per video, %d tokens per frame, temporal pool %s -> %d visual tokens "
+                    "per video", split, video_lines[0], processor.num_video_frames, processor.tokens_per_tile, pool,
+                    processor.count_video_tokens())
+    return report.ok
+
+
+def _image_size(image) -> tuple[int, int]:
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.size
+    with Image.open(image) as im:
+        return im.size
+
+
