@@ -145,7 +145,7 @@ def test_training_ends_with_one_line_naming_adapter_metrics_and_card(finished):
 def test_model_card_has_a_title_relative_paths_and_the_epochs_done(finished):
     card = (finished.out / "README.md").read_text()
 
-    assert card.splitlines()[0] == "# demo: tiny-nvila fine-tuned with nvila-ft"
+    assert "\n# demo: tiny-nvila fine-tuned with nvila-ft\n" in card  # the title, after the Hub metadata block
     assert 'load_model("runs/demo/output")' in card
     assert "python -m nvila_ft.merge runs/demo/output runs/demo/output-merged" in card
     use_it = card[card.index("## Use it"):card.index("## Files")]
