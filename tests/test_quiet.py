@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import train_tiny_run
 
+from nvila_ft.train.tuning import base_model
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # What used to show on every command or run; each line names where it came from.
@@ -97,8 +99,10 @@ def test_a_short_training_run_shows_none_of_the_old_noise(tiny_assets, tmp_path,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_quickstart_dataset(tmp_path / "medical")  # demo:medical reads pydicom's test files
-        train_tiny_run(tiny_assets, tmp_path / "run", "train.max_steps=2", "train.save_steps=1",
-                       "train.gradient_checkpointing.llm=true", "train.gradient_checkpointing.vision_tower=true")
+        run = train_tiny_run(tiny_assets, tmp_path / "run", "train.max_steps=2", "train.save_steps=1",
+                             "train.gradient_checkpointing.llm=true", "train.gradient_checkpointing.vision_tower=true")
+    nvila = base_model(run.model)
+    assert nvila.llm.is_activation_checkpointing and nvila.vision_tower.is_activation_checkpointing  # still on
     shown = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     assert [m for m in shown if any(noise in m for noise in NOISE)] == []
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
