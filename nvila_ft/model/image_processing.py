@@ -115,8 +115,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         OSError / ValueError: PIL cannot read or convert the pixels.
     """
     mode = image.mode
-    if mode == "RGB":
-        return image
+    if mode == "RGB":  # a copy: callers convert inside `with Image.open(...)`, which closes the original
+        return image.copy()
     if mode.startswith("I;16") or mode in ("I", "F"):
         pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         low, high = float(pixels.min()), float(pixels.max())
