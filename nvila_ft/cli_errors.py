@@ -26,7 +26,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
     types: list[type[BaseException]] = [RecipeError, DataError, SampleTooLongError, VideoError, RunStateError,
                                         FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError]
-    for module, name in (("nvila_ft.inference", "RunError"), ("nvila_ft.merge", "MergeError")):
+    for module, name in (("nvila_ft.inference", "RunError"), ("nvila_ft.merge", "MergeError"),
+                         ("nvila_ft.predict", "OutputFileError")):
         try:
             types.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):

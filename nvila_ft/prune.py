@@ -100,7 +100,7 @@ def score_pass(model, processor, samples: Sequence[dict], part: str | os.PathLik
     """
     part = Path(part)
     part.parent.mkdir(parents=True, exist_ok=True)
-    done_rows = read_done(part)
+    done_rows = read_done(part, repair=True)  # its own part file: a cut-off last line is dropped
     other = {r.get("model") for r in done_rows} - {model_name}
     if other:
         raise PruneError(f"{part} holds rows scored with {sorted(other)[0]}, not {model_name}; delete it or use "

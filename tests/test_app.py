@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from app.app import main, parse_args
-from app.media import UploadError, check_upload, denormalize, tile_preview
+from app.media import UploadError, check_upload, denormalize, page_message, tile_preview, video_support
 from app.previewer import BASE, Previewer, find_runs, stream_answer
 from nvila_ft.inference import RunError, generate, load_model, prepare_inputs
 from nvila_ft.model.image_processing import tile_image
@@ -198,6 +198,40 @@ def test_uploads_are_checked(tmp_path, wide_image):
         check_upload(fake, 5)
     with pytest.raises(UploadError, match=r"limit is 0.001 MB \(--max-upload-mb\)"):
         check_upload(wide_image, max_upload_mb=0.001)
+
+
+def test_uploads_are_decoded_in_full_and_errors_name_no_server_folder(tmp_path, wide_image):
+    folder = tmp_path / "gradio-tmp-123"
+    folder.mkdir()
+    whole = folder / "scan.jpg"
+    Image.open(wide_image).convert("RGB").save(whole, quality=90)
+    assert check_upload(whole, 5) == "image"
+    cut = folder / "cut.jpg"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # header intact: Image.open and verify pass
+    with pytest.raises(UploadError, match=r"^cut\.jpg does not open as an image: .*truncated") as err:
+        check_upload(cut, 5)
+    assert str(folder) not in str(err.value)
+    gone = folder / "gone.mp4"
+    message = page_message(FileNotFoundError(f"video file not found: {gone}"), gone)
+    assert message == "video file not found: gone.mp4"
+
+
+@pytest.mark.skipif(video_support() is not None, reason="needs the video extra (decord)")
+def test_a_file_named_mp4_must_open_as_a_video(tmp_path):
+    fake = tmp_path / "holiday.mp4"
+    fake.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)  # an mp4 header, no video
+    with pytest.raises(UploadError, match=r"^holiday\.mp4 does not open as a video") as err:
+        check_upload(fake, 5)
+    assert str(tmp_path) not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_refused_at_start(tiny_runs, capsys):
+    assert main(["--runs-dir", str(tiny_runs.runs), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --device cuda: torch finds no CUDA GPU") and "\n" not in err
+    assert main(["--runs-dir", str(tiny_runs.runs), "--device", "tpu7"]) == 2
+    assert "not a torch device" in capsys.readouterr().err
 
 
 def test_page_values_are_labels_not_paths(previewer, wide_image, tiny_runs):

@@ -148,11 +148,21 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         save_official(self, save_directory, state_dict)
 
     # ------------------------------------------------------------------ gradient checkpointing
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, parts=("llm", "vision_tower")):
-        """Enables activation checkpointing per part (`llm`, `vision_tower`), non-reentrant by default."""
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        parts=("llm", "vision_tower"), **kwargs):
+        """Enables activation checkpointing per part (`llm`, `vision_tower`), non-reentrant by default.
+
+        transformers 5 names this `activation_checkpointing_enable` (`gradient_checkpointing_enable` is its
+        deprecated alias, which warns and lands here); the Trainer calls this name."""
+        ac_kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
         for part in parts:
-            getattr(self, part).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            getattr(self, part).activation_checkpointing_enable(activation_checkpointing_kwargs=ac_kwargs, **kwargs)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """`is_activation_checkpointing` under its transformers-4 name, without the deprecation warning: peft
+        (0.21, `PeftModel.__init__`) still reads this name on every model it wraps, at every load."""
+        return self.is_activation_checkpointing
 
     def get_input_embeddings(self) -> nn.Module:
         return self.llm.get_input_embeddings()

@@ -1,6 +1,7 @@
 """Fine-tuning: the recipe schema, per-part trainability, the Trainer wiring and the command line.
 
-    accelerate launch -m nvila_ft.train recipes/medical.yaml
+    accelerate launch --config_file recipes/accelerate/single_process.yaml \
+        -m nvila_ft.train recipes/medical.yaml
 
 - `recipe`: the typed recipe (one pydantic schema) and its YAML/override parsing.
 - `tuning`: `llm` / `vision_tower` / `mm_projector` modes through peft, learning-rate groups.

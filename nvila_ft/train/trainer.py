@@ -1,6 +1,7 @@
 """Fine-tune NVILA with a recipe: LoRA on the LLM, LayerNorm-only vision tower, full projector (paper default).
 
-    accelerate launch -m nvila_ft.train recipes/medical.yaml [key=value ...]
+    accelerate launch --config_file recipes/accelerate/single_process.yaml \
+        -m nvila_ft.train recipes/medical.yaml [key=value ...]
     python -m nvila_ft.train recipes/quickstart.yaml train.max_steps=10
 
 Steps: recipe -> checkpoint (hub id, folder or demo:<name>) -> data + preflight -> per-part tuning ->
@@ -246,12 +247,13 @@ class TrainingRun:
         if quant is not None:
             from peft import prepare_model_for_kbit_training
 
-            prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=train.gradient_checkpointing.llm,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+            # Checkpointing is enabled below for every part (peft's would call the deprecated
+            # gradient_checkpointing_enable; with use_reentrant=False it adds nothing else).
+            prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
             undo_kbit_upcast(model.llm, dtype)
         gc_parts = [p for p in ("llm", "vision_tower") if getattr(train.gradient_checkpointing, p)]
         if gc_parts:
-            model.gradient_checkpointing_enable(parts=gc_parts)
+            model.activation_checkpointing_enable(parts=gc_parts)
         # The run's one media config (checkpoint config + recipe): the processor saves it in processor_config.json;
         # written into the model config too, so that the model's default video pooling follows the run.
         media = MediaConfig.from_recipe(model.config, self.recipe)
