@@ -305,5 +305,9 @@ def test_gpu_benchmark_runs_on_cpu_at_tiny_shapes(tmp_path):
     (out,) = tmp_path.glob("gpu_memory-*-tiny.json")
     run = json.loads(out.read_text())["runs"][0]
     assert run["measured_static_bytes"] == run["predicted_static_bytes"]
-    assert run["predicted_bytes"] > 0 and run["measured_bytes"] > 0 and abs(run["error_pct"]) < 50
+    # The CPU stand-in (saved bytes) does not see the transients the plan adds (a layer's recompute and backward:
+    # 17.2 MB of the 27.0 MB predicted here); since the vision tower stops at layer -2 (issue 18), the discarded
+    # last layer's checkpointed input (17408 tokens x 32 x bf16, never priced by the plan) is no longer measured
+    # either, so the over-prediction grew (55% at these shapes); it must stay an over-prediction.
+    assert run["predicted_bytes"] > 0 and run["measured_bytes"] > 0 and 0 < run["error_pct"] < 60
     assert run["plan"]["sample"]["llm_tokens"] == run["llm_tokens"] and run["samples_per_s"] > 0

@@ -49,6 +49,21 @@ def split_blocks(feature_map: torch.Tensor, rows: int, cols: int) -> torch.Tenso
     return blocks.reshape(rows * cols, bh * bw, c)
 
 
+def vision_layers_run(num_layers: int, select_layer: int) -> int:
+    """SigLIP encoder layers that produce `hidden_states[select_layer]` (index 0: the patch embeddings).
+
+    `mm_vision_select_layer` -2 with 27 layers (SigLIP so400m) gives 26: the last layer and `post_layernorm`
+    are not needed (architecture note, "Vision tower").
+
+    Raises:
+        ValueError: `select_layer` is outside -(num_layers + 1) .. num_layers.
+    """
+    if not -(num_layers + 1) <= select_layer <= num_layers:
+        raise ValueError(f"mm_vision_select_layer {select_layer} is outside the {num_layers + 1} hidden states "
+                         "of the vision tower")
+    return num_layers + 1 + select_layer if select_layer < 0 else select_layer
+
+
 def _compute_param(module: nn.Module) -> torch.Tensor:
     """The first parameter `module` computes with, whose dtype and device its input takes.
 
@@ -155,14 +170,20 @@ class NvilaForConditionalGeneration(PreTrainedModel):
 
     # ------------------------------------------------------------------ vision path
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """SigLIP features of tiles: (T, 3, 448, 448) -> (T, 1024, C) from `hidden_states[select_layer]`.
+        """SigLIP features of tiles: (T, 3, 448, 448) -> (T, 1024, C), equal to `hidden_states[select_layer]`.
 
-        `post_layernorm` is not applied (config `mm_vision_select_layer: -2`).
+        Only the patch embeddings and the encoder layers up to the selected one run (config
+        `mm_vision_select_layer: -2`: all but the last of the 27 layers); the later layers and `post_layernorm`,
+        whose output NVILA discards, are skipped but kept in the model (checkpoints, merge and save hold every
+        layer). Each layer is called as a module, so the tower's per-layer gradient checkpointing applies.
         """
         param = _compute_param(self.vision_tower)
-        out = self.vision_tower(pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
-        feats = out.hidden_states[self.config.mm_vision_select_layer]
-        return feats[:, 1:] if self.config.mm_vision_select_feature == "patch" else feats
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        hidden = tower.embeddings(pixel_values.to(device=param.device, dtype=param.dtype))
+        for layer in tower.encoder.layers[: vision_layers_run(len(tower.encoder.layers),
+                                                              self.config.mm_vision_select_layer)]:
+            hidden = layer(hidden, None)
+        return hidden[:, 1:] if self.config.mm_vision_select_feature == "patch" else hidden
 
     def encode_images(self, pixel_values: torch.Tensor, block_sizes: BlockSizes = None) -> list[torch.Tensor]:
         """Projected embeddings of each image (without the trailing "\\n").
@@ -427,15 +448,26 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             inputs_embeds: (B, L', H); attention_mask: (B, L'); labels: (B, L') int64, -100 = no loss.
             num_items_in_batch: labelled tokens over all accumulated micro-batches, or None.
 
+        On CUDA with `liger-kernel` installed (extra `liger`), the head and the loss run as Liger's fused linear
+        cross-entropy instead (:func:`fused_linear_cross_entropy`): same loss, the logits never held in full.
+
         Returns:
             `CausalLMOutputWithPast` with `loss` (fp32 scalar) and `logits` (N_label_tokens, vocab) in
-            row-major (sample, position) order.
+            row-major (sample, position) order; `logits` is None on the fused path.
         """
         out = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        logits = self.llm.get_output_embeddings()(out.last_hidden_state[:, :-1][keep])
-        loss = fixed_cross_entropy(logits.float(), targets[keep], num_items_in_batch)
+        hidden, head = out.last_hidden_state[:, :-1][keep], self.llm.get_output_embeddings()
+        fused = fused_linear_cross_entropy(head, hidden)
+        if fused is not None:  # GPU with liger-kernel: no (N, vocab) logits in memory, loss from chunks
+            reduction = "mean" if num_items_in_batch is None else "sum"
+            loss, logits = fused(hidden, head.weight, targets[keep], head.bias, reduction=reduction), None
+            if num_items_in_batch is not None:
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+        else:
+            logits = head(hidden)
+            loss = fixed_cross_entropy(logits.float(), targets[keep], num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
@@ -503,6 +535,29 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
         return processor.decode(out[0])
+
+
+def fused_linear_cross_entropy(head: nn.Module, hidden: torch.Tensor):
+    """Liger's fused linear cross-entropy (`liger_fused_linear_cross_entropy`) when it can replace `head` + loss.
+
+    It needs CUDA (Triton kernels), `liger-kernel` installed (`pip install nvila-ft[liger]`), a plain
+    `nn.Linear` head (not a LoRA or `modules_to_save` wrapper) in the dtype of `hidden` (no autocast cast to
+    mirror). Anywhere else the label-only path runs (`_label_only_loss`), the default.
+
+    Args:
+        head: the LLM's output embedding (`lm_head`).
+        hidden: (N, H) last hidden states at the labelled positions.
+
+    Returns:
+        The function `(input, weight, target, bias, reduction=...) -> loss`, or None.
+    """
+    if hidden.device.type != "cuda" or type(head) is not nn.Linear or head.weight.dtype != hidden.dtype:
+        return None
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:  # not installed, or no Triton
+        return None
+    return liger_fused_linear_cross_entropy
 
 
 def _skip_leading(ids: torch.Tensor, start: int, skip: tuple[int, ...]) -> int:

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from nvila_ft.data import VideoCheck, load_split, preflight
 from nvila_ft.evaluate import evaluate_samples
@@ -58,6 +59,12 @@ class SupervisedDataset(Dataset):
     def __init__(self, samples: list[dict], processor: NvilaProcessor, max_failures: int = 100):
         self.samples, self.processor, self.max_failures, self.failures = samples, processor, max_failures, 0
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per sample after media expansion: the preflight's count (`num_tokens`), else computed the same
+        way from image sizes (headers only, nothing is tiled or encoded)."""
+        return [s["num_tokens"] if "num_tokens" in s else expanded_tokens(self.processor, s) for s in self.samples]
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -87,15 +94,11 @@ def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict]
     if not d.preflight:
         return samples
 
-    def length_fn(sample: dict) -> int:
-        sizes = [_image_size(im) for im in sample.get("images", [])]
-        return processor.num_tokens(sample["conversations"], sizes, sample.get("video_frames", ()))
-
     video_check = VideoCheck.for_media(processor.media, short_videos=d.short_videos, sample=d.preflight_video_sample,
                                        seed=recipe.train.seed, cache_dir=d.video_cache_dir,
                                        tokens_fn=processor.count_video_tokens)
-    report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=length_fn, max_length=processor.max_length,
-                       video_check=video_check)
+    report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=lambda s: expanded_tokens(processor, s),
+                       max_length=processor.max_length, video_check=video_check)
     lines = report.summary().splitlines()
     logger.info("%s split: %s", split, lines[0])
     video_lines = [line for line in lines if line.startswith("video rows:")]
@@ -105,6 +108,12 @@ def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict]
                     "per video", split, video_lines[0], processor.num_video_frames, processor.tokens_per_tile, pool,
                     processor.count_video_tokens())
     return report.ok
+
+
+def expanded_tokens(processor: NvilaProcessor, sample: dict) -> int:
+    """A sample's token count after media expansion (`NvilaProcessor.num_tokens`; images: only their sizes)."""
+    sizes = [_image_size(im) for im in sample.get("images", [])]
+    return processor.num_tokens(sample["conversations"], sizes, sample.get("video_frames", ()))
 
 
 def _image_size(image) -> tuple[int, int]:
@@ -118,10 +127,19 @@ def _image_size(image) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------- trainer
 class NvilaTrainer(Trainer):
-    """`transformers.Trainer` with no overrides: the model is a `PeftModel` whose adapter holds the LoRA weights
-    and the copies of the parts trained in full (peft `modules_to_save`, see
-    :func:`nvila_ft.train.tuning.apply_tuning`), so Trainer's own PEFT save and resume cover everything the
-    recipe trains."""
+    """`transformers.Trainer`; the model is a `PeftModel` whose adapter holds the LoRA weights and the copies of
+    the parts trained in full (peft `modules_to_save`, see :func:`nvila_ft.train.tuning.apply_tuning`), so
+    Trainer's own PEFT save and resume cover everything the recipe trains."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Trainer's `group_by_length` sampler, given the lengths the dataset knows (`SupervisedDataset.lengths`):
+        left alone, Trainer would encode every sample (images tiled) to measure `input_ids`, which also miss
+        the media tokens."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "lengths"):
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=dataset.lengths)
 
 
 class DenseLog(ProgressCallback):
@@ -326,6 +344,7 @@ class TrainingRun:
             bf16=mp == "bf16", fp16=mp == "fp16", report_to=t.report_to, remove_unused_columns=False,
             label_names=["labels"], dataloader_num_workers=t.dataloader_num_workers,
             use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
+            train_sampling_strategy="group_by_length" if t.resolved_group_by_length() else "random",
         )
         groups = param_groups(self.model, t)
         print(trainable_table(base_model(self.model), groups), flush=True)
