@@ -54,8 +54,10 @@ def test_batches_group_similar_lengths_and_every_sample_is_seen_once():
     shuffled = list(trainer_for(lengths, batch=4, accum=2, grouped=False)._get_train_sampler())
     assert sorted(shuffled) == list(range(len(lengths)))
     assert padding(order, lengths, 4) < 0.2 * padding(shuffled, lengths, 4)
-    # Still shuffled: another epoch (another draw) gives another order.
-    assert list(sampler) != order
+    # The order is fixed by (seed, epoch), so a resumed run sees the same batches; another epoch, another order.
+    assert list(trainer_for(lengths, batch=4, accum=2, grouped=True)._get_train_sampler()) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(sampler) == list(range(len(lengths)))
 
 
 def test_dataset_lengths_are_the_preflight_counts():

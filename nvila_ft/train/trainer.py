@@ -138,8 +138,24 @@ class NvilaTrainer(Trainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "lengths"):
             return super()._get_train_sampler(train_dataset)
-        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                    lengths=dataset.lengths)
+        return EpochLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                         dataset.lengths, self.args.seed)
+
+
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """Trainer's `LengthGroupedSampler` with its order drawn from (seed, epoch), not the global RNG: a resumed run
+    skips into exactly the batches of the uninterrupted one (Trainer calls `set_epoch` through accelerate)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 class DenseLog(ProgressCallback):
