@@ -191,7 +191,7 @@ def torch_flce(input, weight, target, bias=None, reduction="mean"):
 def test_fused_loss_is_chosen_only_on_cuda_with_liger_and_a_plain_head(monkeypatch):
     from types import SimpleNamespace
 
-    from nvila_ft.model.modeling import fused_linear_cross_entropy
+    from nvila_ft.model.loss import fused_linear_cross_entropy
 
     head = torch.nn.Linear(8, 16, bias=False)
     cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # stands in for a CUDA tensor
@@ -208,7 +208,7 @@ def test_fused_loss_is_chosen_only_on_cuda_with_liger_and_a_plain_head(monkeypat
 @pytest.mark.parametrize("num_items", [None, 57])
 def test_fused_path_gives_the_label_only_loss_and_gradients(assets, monkeypatch, num_items):
     """The wiring of the fused path (targets, reduction, num_items_in_batch) with a pure-torch fused function."""
-    import nvila_ft.model.modeling as modeling
+    import nvila_ft.model.loss as modeling
 
     model, processor = load(assets, "tune.llm=full")
     batch = batch_of(processor)
@@ -227,7 +227,7 @@ def test_fused_path_gives_the_label_only_loss_and_gradients(assets, monkeypatch,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels need CUDA (Triton)")
 def test_liger_kernel_matches_the_label_only_loss_on_gpu(assets):
     pytest.importorskip("liger_kernel.transformers.functional")
-    from nvila_ft.model.modeling import fused_linear_cross_entropy
+    from nvila_ft.model.loss import fused_linear_cross_entropy
 
     head = torch.nn.Linear(64, 1000, bias=False).cuda()
     hidden = torch.randn(37, 64, device="cuda")

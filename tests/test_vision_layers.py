@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nvila_ft.demo.tiny import build_tiny_checkpoint
-from nvila_ft.model.modeling import NvilaForConditionalGeneration, vision_layers_run
+from nvila_ft.model.configuration import vision_layers_run
+from nvila_ft.model.modeling import NvilaForConditionalGeneration
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

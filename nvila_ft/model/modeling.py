@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, SiglipVisionModel
-from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from nvila_ft.model.checkpoint import load_official, save_official
-from nvila_ft.model.configuration import IGNORE_INDEX, NvilaConfig
+from nvila_ft.model.configuration import IGNORE_INDEX, NvilaConfig, vision_layers_run
+from nvila_ft.model.loss import label_loss
 from nvila_ft.model.media import segment_skip_ids
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.model.projector import MultimodalProjector
@@ -47,21 +47,6 @@ def split_blocks(feature_map: torch.Tensor, rows: int, cols: int) -> torch.Tenso
     bh, bw = h // rows, w // cols
     blocks = feature_map.reshape(c, rows, bh, cols, bw).permute(1, 3, 2, 4, 0)  # rows, cols, bh, bw, C
     return blocks.reshape(rows * cols, bh * bw, c)
-
-
-def vision_layers_run(num_layers: int, select_layer: int) -> int:
-    """SigLIP encoder layers that produce `hidden_states[select_layer]` (index 0: the patch embeddings).
-
-    `mm_vision_select_layer` -2 with 27 layers (SigLIP so400m) gives 26: the last layer and `post_layernorm`
-    are not needed (architecture note, "Vision tower").
-
-    Raises:
-        ValueError: `select_layer` is outside -(num_layers + 1) .. num_layers.
-    """
-    if not -(num_layers + 1) <= select_layer <= num_layers:
-        raise ValueError(f"mm_vision_select_layer {select_layer} is outside the {num_layers + 1} hidden states "
-                         "of the vision tower")
-    return num_layers + 1 + select_layer if select_layer < 0 else select_layer
 
 
 def _compute_param(module: nn.Module) -> torch.Tensor:
@@ -448,8 +433,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             inputs_embeds: (B, L', H); attention_mask: (B, L'); labels: (B, L') int64, -100 = no loss.
             num_items_in_batch: labelled tokens over all accumulated micro-batches, or None.
 
-        On CUDA with `liger-kernel` installed (extra `liger`), the head and the loss run as Liger's fused linear
-        cross-entropy instead (:func:`fused_linear_cross_entropy`): same loss, the logits never held in full.
+        On CUDA with `liger-kernel` (extra `liger`), head and loss are Liger's fused kernel (`loss.label_loss`).
 
         Returns:
             `CausalLMOutputWithPast` with `loss` (fp32 scalar) and `logits` (N_label_tokens, vocab) in
@@ -458,16 +442,8 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         out = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        hidden, head = out.last_hidden_state[:, :-1][keep], self.llm.get_output_embeddings()
-        fused = fused_linear_cross_entropy(head, hidden)
-        if fused is not None:  # GPU with liger-kernel: no (N, vocab) logits in memory, loss from chunks
-            reduction = "mean" if num_items_in_batch is None else "sum"
-            loss, logits = fused(hidden, head.weight, targets[keep], head.bias, reduction=reduction), None
-            if num_items_in_batch is not None:
-                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-        else:
-            logits = head(hidden)
-            loss = fixed_cross_entropy(logits.float(), targets[keep], num_items_in_batch)
+        loss, logits = label_loss(self.llm.get_output_embeddings(), out.last_hidden_state[:, :-1][keep],
+                                  targets[keep], num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
@@ -497,7 +473,6 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
             generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
-
 
     @torch.no_grad()
     def generate_content(
@@ -535,29 +510,6 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
         return processor.decode(out[0])
-
-
-def fused_linear_cross_entropy(head: nn.Module, hidden: torch.Tensor):
-    """Liger's fused linear cross-entropy (`liger_fused_linear_cross_entropy`) when it can replace `head` + loss.
-
-    It needs CUDA (Triton kernels), `liger-kernel` installed (`pip install nvila-ft[liger]`), a plain
-    `nn.Linear` head (not a LoRA or `modules_to_save` wrapper) in the dtype of `hidden` (no autocast cast to
-    mirror). Anywhere else the label-only path runs (`_label_only_loss`), the default.
-
-    Args:
-        head: the LLM's output embedding (`lm_head`).
-        hidden: (N, H) last hidden states at the labelled positions.
-
-    Returns:
-        The function `(input, weight, target, bias, reduction=...) -> loss`, or None.
-    """
-    if hidden.device.type != "cuda" or type(head) is not nn.Linear or head.weight.dtype != hidden.dtype:
-        return None
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError:  # not installed, or no Triton
-        return None
-    return liger_fused_linear_cross_entropy
 
 
 def _skip_leading(ids: torch.Tensor, start: int, skip: tuple[int, ...]) -> int:

@@ -23,7 +23,7 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from safetensors.torch import load_file
 from torch import nn
 
-from nvila_ft.model.modeling import vision_layers_run
+from nvila_ft.model.configuration import vision_layers_run
 
 logger = logging.getLogger(__name__)
 
