@@ -309,5 +309,7 @@ def test_gpu_benchmark_runs_on_cpu_at_tiny_shapes(tmp_path):
     assert run["static"]["weights"] == run["predicted_static"]["weights"]
     assert run["static"]["optimizer"] == run["predicted_static"]["optimizer"]
     assert 0 < run["static"]["gradients"] <= run["predicted_static"]["gradients"]
-    assert run["predicted_bytes"] > 0 and run["measured_bytes"] > 0 and abs(run["error_pct"]) < 50
+    assert run["predicted_bytes"] > 0 and run["measured_bytes"] > 0 and -10 < run["error_pct"] < 60
+    # the vision tower stops at layer -2 (issue 18): the discarded layer's checkpointed input is no longer
+    # measured, so the CPU stand-in over-predicts more at these toy shapes (about +55%).
     assert run["plan"]["sample"]["llm_tokens"] == run["llm_tokens"] and run["samples_per_s"] > 0

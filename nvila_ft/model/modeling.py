@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, SiglipVisionModel
-from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from nvila_ft.model.checkpoint import load_official, save_official
-from nvila_ft.model.configuration import IGNORE_INDEX, NvilaConfig
+from nvila_ft.model.configuration import IGNORE_INDEX, NvilaConfig, vision_layers_run
+from nvila_ft.model.loss import label_loss
 from nvila_ft.model.media import segment_skip_ids
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.model.projector import MultimodalProjector
@@ -169,14 +169,20 @@ class NvilaForConditionalGeneration(PreTrainedModel):
 
     # ------------------------------------------------------------------ vision path
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """SigLIP features of tiles: (T, 3, 448, 448) -> (T, 1024, C) from `hidden_states[select_layer]`.
+        """SigLIP features of tiles: (T, 3, 448, 448) -> (T, 1024, C), equal to `hidden_states[select_layer]`.
 
-        `post_layernorm` is not applied (config `mm_vision_select_layer: -2`).
+        Only the patch embeddings and the encoder layers up to the selected one run (config
+        `mm_vision_select_layer: -2`: all but the last of the 27 layers); the later layers and `post_layernorm`,
+        whose output NVILA discards, are skipped but kept in the model (checkpoints, merge and save hold every
+        layer). Each layer is called as a module, so the tower's per-layer gradient checkpointing applies.
         """
         param = _compute_param(self.vision_tower)
-        out = self.vision_tower(pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
-        feats = out.hidden_states[self.config.mm_vision_select_layer]
-        return feats[:, 1:] if self.config.mm_vision_select_feature == "patch" else feats
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        hidden = tower.embeddings(pixel_values.to(device=param.device, dtype=param.dtype))
+        for layer in tower.encoder.layers[: vision_layers_run(len(tower.encoder.layers),
+                                                              self.config.mm_vision_select_layer)]:
+            hidden = layer(hidden, None)
+        return hidden[:, 1:] if self.config.mm_vision_select_feature == "patch" else hidden
 
     def encode_images(self, pixel_values: torch.Tensor, block_sizes: BlockSizes = None) -> list[torch.Tensor]:
         """Projected embeddings of each image (without the trailing "\\n").
@@ -443,15 +449,17 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             inputs_embeds: (B, L', H); attention_mask: (B, L'); labels: (B, L') int64, -100 = no loss.
             num_items_in_batch: labelled tokens over all accumulated micro-batches, or None.
 
+        On CUDA with `liger-kernel` (extra `liger`), head and loss are Liger's fused kernel (`loss.label_loss`).
+
         Returns:
             `CausalLMOutputWithPast` with `loss` (fp32 scalar) and `logits` (N_label_tokens, vocab) in
-            row-major (sample, position) order.
+            row-major (sample, position) order; `logits` is None on the fused path.
         """
         out = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        logits = self.llm.get_output_embeddings()(out.last_hidden_state[:, :-1][keep])
-        loss = fixed_cross_entropy(logits.float(), targets[keep], num_items_in_batch)
+        loss, logits = label_loss(self.llm.get_output_embeddings(), out.last_hidden_state[:, :-1][keep],
+                                  targets[keep], num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
@@ -481,7 +489,6 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
             generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
-
 
     @torch.no_grad()
     def generate_content(

@@ -7,6 +7,7 @@ import logging
 
 import torch
 from torch.utils.data import Dataset
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from nvila_ft.data import VideoCheck, load_split, preflight
 from nvila_ft.model.processing import NvilaProcessor
@@ -29,6 +30,12 @@ class SupervisedDataset(Dataset):
     def __init__(self, samples: list[dict], processor: NvilaProcessor, max_failures: int = 100):
         self.samples, self.processor, self.max_failures = samples, processor, max_failures
         self.failed: set[int] = set()
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per sample after media expansion: the preflight's count (`num_tokens`), else computed the same
+        way from image sizes (headers only, nothing is tiled or encoded)."""
+        return [s["num_tokens"] if "num_tokens" in s else expanded_tokens(self.processor, s) for s in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -75,14 +82,10 @@ def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict]
     if not d.preflight:
         return samples
 
-    def length_fn(sample: dict) -> int:
-        sizes = [_image_size(im) for im in sample.get("images", [])]
-        return processor.num_tokens(sample["conversations"], sizes, sample.get("video_frames", ()))
-
     video_check = VideoCheck.for_media(processor.media, short_videos=d.short_videos, sample=d.preflight_video_sample,
                                        seed=recipe.train.seed, cache_dir=d.video_cache_dir,
                                        tokens_fn=processor.count_video_tokens)
-    report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=length_fn, max_length=processor.max_length,
+    report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=lambda s: expanded_tokens(processor, s), max_length=processor.max_length,
                        video_check=video_check)
     lines = report.summary().splitlines()
     logger.info("%s split: %s", split, lines[0])
@@ -95,6 +98,12 @@ def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict]
     return report.ok
 
 
+def expanded_tokens(processor: NvilaProcessor, sample: dict) -> int:
+    """A sample's token count after media expansion (`NvilaProcessor.num_tokens`; images: only their sizes)."""
+    sizes = [_image_size(im) for im in sample.get("images", [])]
+    return processor.num_tokens(sample["conversations"], sizes, sample.get("video_frames", ()))
+
+
 def _image_size(image) -> tuple[int, int]:
     from PIL import Image
 
@@ -104,3 +113,17 @@ def _image_size(image) -> tuple[int, int]:
         return im.size
 
 
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """Trainer's `LengthGroupedSampler` with its order drawn from (seed, epoch), not the global RNG: a resumed run
+    skips into exactly the batches of the uninterrupted one (Trainer calls `set_epoch` through accelerate)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()

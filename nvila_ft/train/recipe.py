@@ -431,6 +431,12 @@ class TrainConfig(_Section):
     hub_model_id: str | None = Field(
         None, description="The Hub repo to push to, owner/name; null = the output_dir's folder name."
     )
+    group_by_length: bool | None = Field(
+        None,
+        description="Batch samples of similar length (transformers' group_by_length sampler, lengths from the "
+        "preflight's token counts): less padding, same samples per epoch. null: on when "
+        "per_device_train_batch_size > 1.",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -515,6 +521,10 @@ class TrainConfig(_Section):
 
             gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return "bf16" if gpu_bf16 else "no"
+
+    def resolved_group_by_length(self) -> bool:
+        """`group_by_length` with null resolved: on when a batch holds more than one sample (padding to share)."""
+        return self.per_device_train_batch_size > 1 if self.group_by_length is None else self.group_by_length
 
     @property
     def lr_per_part(self) -> dict[str, float]:

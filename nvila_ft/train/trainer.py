@@ -53,7 +53,12 @@ from nvila_ft.train.checkpoints import (
     whole_run_loss,
 )
 from nvila_ft.train.curves import task_metric
-from nvila_ft.train.dataset import SupervisedDataset, check_samples, prepare_data  # noqa: F401 - re-exported
+from nvila_ft.train.dataset import (  # noqa: F401 - SupervisedDataset, check_samples re-exported
+    EpochLengthGroupedSampler,
+    SupervisedDataset,
+    check_samples,
+    prepare_data,
+)
 from nvila_ft.train.recipe import Recipe
 from nvila_ft.train.recipe_io import recipe_to_yaml
 from nvila_ft.train.tuning import (
@@ -113,6 +118,16 @@ class NvilaTrainer(WatchedTrainer):
         if inputs["input_ids"].shape[0] == 0:
             return torch.zeros((), device=self.args.device)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Trainer's `group_by_length` sampler given the lengths the dataset knows (`SupervisedDataset.lengths`):
+        # left alone, Trainer would encode every sample (images tiled) to measure `input_ids`, which also miss
+        # the media tokens.
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "lengths"):
+            return super()._get_train_sampler(train_dataset)
+        return EpochLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                         dataset.lengths, self.args.seed)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # An eval row that failed to encode is left out of its batch (see SupervisedDataset.collate).
@@ -316,6 +331,7 @@ class TrainingRun:
             bf16=mp == "bf16", fp16=mp == "fp16", report_to=t.report_to, remove_unused_columns=False,
             label_names=["labels"], dataloader_num_workers=t.dataloader_num_workers,
             use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
+            train_sampling_strategy="group_by_length" if t.resolved_group_by_length() else "random",
             eval_strategy="steps" if periodic else "no", eval_steps=e.eval_steps if periodic else None,
             load_best_model_at_end=t.load_best_model_at_end and periodic,
             metric_for_best_model=f"eval_{t.metric_for_best_model.removeprefix('eval_')}"

@@ -23,6 +23,8 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from safetensors.torch import load_file
 from torch import nn
 
+from nvila_ft.model.configuration import vision_layers_run
+
 logger = logging.getLogger(__name__)
 
 NON_LORA_FILE = "non_lora_trainables.safetensors"
@@ -38,13 +40,12 @@ def used_vision_layers(model: nn.Module) -> int:
     """Number of SigLIP encoder layers whose output reaches the projector.
 
     Features are `hidden_states[mm_vision_select_layer]` (-2: output of the second-to-last layer), so
-    with L layers the first L + 1 + select_layer layers are used; the rest and `post_layernorm` get no
-    gradient (architecture note, "Vision tower").
+    with L layers the first L + 1 + select_layer layers are used; the rest and `post_layernorm` do not run
+    and get no gradient (`modeling.vision_layers_run`; architecture note, "Vision tower").
     """
     tower = model.vision_tower
     n = len(getattr(tower, "vision_model", tower).encoder.layers)
-    select = model.config.mm_vision_select_layer
-    return n + 1 + select if select < 0 else select
+    return vision_layers_run(n, model.config.mm_vision_select_layer)
 
 
 def _vision_layer_index(name: str) -> int | None:
