@@ -11,7 +11,6 @@ loads NVIDIA's single-folder -hf layouts (`nvila_ft.model.hf_layout`), without `
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 
@@ -24,7 +23,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from nvila_ft.model.checkpoint import load_official, save_official
 from nvila_ft.model.configuration import IGNORE_INDEX, NvilaConfig, vision_layers_run
 from nvila_ft.model.loss import label_loss
-from nvila_ft.model.media import segment_skip_ids
+from nvila_ft.model.media import segment_skip_ids, skip_leading
+from nvila_ft.model.multiscale import merge_tiles, split_blocks
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.model.projector import MultimodalProjector
 from nvila_ft.model.video import PoolSize, pool_frames
@@ -32,22 +32,6 @@ from nvila_ft.model.video import PoolSize, pool_frames
 logger = logging.getLogger(__name__)
 
 BlockSizes = Sequence[tuple[int, int] | None] | torch.Tensor | None
-
-def merge_tiles(features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Stitches row-major tile features (rows*cols, f*f, C) into one map (1, C, rows*f, cols*f)."""
-    n, tokens, c = features.shape
-    f = math.isqrt(tokens)
-    grid = features.reshape(rows, cols, f, f, c).permute(4, 0, 2, 1, 3)  # C, rows, f, cols, f
-    return grid.reshape(1, c, rows * f, cols * f)
-
-
-def split_blocks(feature_map: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Cuts a (1, C, H, W) map into rows*cols row-major blocks, returned as tokens (rows*cols, h*w, C)."""
-    _, c, h, w = feature_map.shape
-    bh, bw = h // rows, w // cols
-    blocks = feature_map.reshape(c, rows, bh, cols, bw).permute(1, 3, 2, 4, 0)  # rows, cols, bh, bw, C
-    return blocks.reshape(rows * cols, bh * bw, c)
-
 
 def _compute_param(module: nn.Module) -> torch.Tensor:
     """The first parameter `module` computes with, whose dtype and device its input takes.
@@ -353,7 +337,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             keep = attention_mask[b].bool()
             ids, emb = input_ids[b][keep], text[b][keep]
             lab = labels[b][keep] if labels is not None else None
-            pieces, lab_pieces, start = [], [], _skip_leading(ids, 0, skip)
+            pieces, lab_pieces, start = [], [], skip_leading(ids, 0, skip)
             for pos in (is_media[b][keep]).nonzero().flatten().tolist():
                 if ids[pos] == image_id:
                     item, m = media[m], m + 1
@@ -362,7 +346,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
                 pieces += [emb[start:pos], item.to(emb.dtype)]
                 if lab is not None:
                     lab_pieces += [lab[start:pos], lab.new_full((item.shape[0],), IGNORE_INDEX)]
-                start = _skip_leading(ids, pos + 1, skip)
+                start = skip_leading(ids, pos + 1, skip)
             pieces.append(emb[start:])
             seqs.append(torch.cat(pieces))
             if lab is not None:
@@ -526,10 +510,3 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
         return processor.decode(out[0])
-
-
-def _skip_leading(ids: torch.Tensor, start: int, skip: tuple[int, ...]) -> int:
-    """First position at or after `start` whose token is not in `skip` (see `embed`)."""
-    while start < ids.shape[0] and skip and int(ids[start]) in skip:
-        start += 1
-    return start

@@ -136,9 +136,11 @@ def staging_dir(output_dir: str | os.PathLike, step: int, main_process: bool = T
     return str(staging)
 
 
-def publish_checkpoint(output_dir: str | os.PathLike, step: int, save_total_limit: int | None) -> Path:
+def publish_checkpoint(output_dir: str | os.PathLike, step: int, save_total_limit: int | None,
+                       best_model_checkpoint: str | None = None) -> Path:
     """Renames a completely written `<staging>/checkpoint-<step>` to `<output_dir>/checkpoint-<step>` and keeps
-    the newest `save_total_limit` checkpoints (by step number, as :func:`latest_checkpoint` orders them).
+    the newest `save_total_limit` checkpoints (by step number, as :func:`latest_checkpoint` orders them), never
+    deleting `best_model_checkpoint` (`train.load_best_model_at_end`).
 
     A rename within one file system is atomic: readers see no folder or a whole one. An existing
     `checkpoint-<step>` (a damaged one being redone after a fallback) is moved aside first, then deleted.
@@ -159,7 +161,8 @@ def publish_checkpoint(output_dir: str | os.PathLike, step: int, save_total_limi
         (output_dir / STAGING).rmdir()
     except OSError:
         pass  # not empty: something else is staged
-    rotate_checkpoints(str(output_dir), save_total_limit=save_total_limit, use_mtime=False)
+    rotate_checkpoints(str(output_dir), save_total_limit=save_total_limit, best_model_checkpoint=best_model_checkpoint,
+                       use_mtime=False)
     return final
 
 

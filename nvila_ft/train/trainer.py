@@ -92,15 +92,21 @@ class NvilaTrainer(WatchedTrainer):
         # unchanged into a staging folder, renamed into place once complete. The hook is `_get_output_dir`, the
         # one place the save asks for its folder; copying `_save_checkpoint` (~60 lines) would fork transformers.
         step, main = self.state.global_step, self.args.should_save
-        self._staging = staging_dir(self.args.output_dir, step, main_process=main)
+        self._staging = self._staging_used = staging_dir(self.args.output_dir, step, main_process=main)
         self.accelerator.wait_for_everyone()  # staging cleared before any process writes its RNG state
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
         self.accelerator.wait_for_everyone()  # every process wrote its files
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == Path(self._staging_used):  # the Trainer noted the staged path: the final one
+            self.state.best_model_checkpoint = str(Path(self.args.output_dir) / Path(best).name)
+            staged_state = Path(self._staging_used) / f"checkpoint-{step}" / "trainer_state.json"
+            if main and staged_state.is_file():  # the checkpoint's own record, for a resume
+                self.state.save_to_json(str(staged_state))
         if main:
-            publish_checkpoint(self.args.output_dir, step, self.args.save_total_limit)
+            publish_checkpoint(self.args.output_dir, step, self.args.save_total_limit, self.state.best_model_checkpoint)
 
     def _get_output_dir(self, trial) -> str:
         return self._staging or super()._get_output_dir(trial)
