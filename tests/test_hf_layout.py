@@ -222,9 +222,11 @@ def test_an_hf_checkpoint_fine_tunes_and_its_run_answers(tiny, tiny_assets, tmp_
     run.run()
     model, processor = load_model(tmp_path / "run", dtype="float32", device="cpu")
     base_model = NvilaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
-    tuned = dict(model.named_parameters())
+    from nvila_ft.train.tuning import is_original, official_name
+
+    tuned = {official_name(k): v for k, v in model.named_parameters() if not is_original(k)}  # the trained copies
     changed = [n for n, p in base_model.mm_projector.named_parameters()
-               if not torch.equal(p, next(v for k, v in tuned.items() if k.endswith(f"mm_projector.{n}")))]
+               if not torch.equal(p, tuned[f"mm_projector.{n}"])]
     assert changed  # training moved the (fully trained) projector
     sample = run.eval_samples[0]
     batch = processor.collate([processor(sample["conversations"][:1], sample["images"], add_generation_prompt=True)])
