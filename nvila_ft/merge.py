@@ -227,22 +227,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"no merge: write a LoRA-only adapter + {NON_LORA_FILE} (official names) to OUT_DIR")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from nvila_ft.inference import RunError
 
+    # MergeError and RunError are user errors: one line, exit 2 (cli_errors.user_errors).
     if args.non_lora_trainables:
-        try:
-            out = export_non_lora(args.run_dir, args.out_dir)
-        except MergeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        out = export_non_lora(args.run_dir, args.out_dir)
         print(f"wrote {out} (adapter without modules_to_save, {NON_LORA_FILE})")
         return 0
-    try:
-        out = merge(args.run_dir, args.out_dir, dtype=args.dtype, base=args.base, device=args.device,
-                    qlora_base=args.qlora_base, layout=args.layout)
-    except (MergeError, RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out = merge(args.run_dir, args.out_dir, dtype=args.dtype, base=args.base, device=args.device,
+                qlora_base=args.qlora_base, layout=args.layout)
     parts = "config.json, llm/, vision_tower/, mm_projector/" if args.layout == "original" else (
         "config.json, model.safetensors, tokenizer; -hf layout")
     print(f"wrote {out} ({parts}); load it with "

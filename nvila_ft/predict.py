@@ -267,11 +267,7 @@ def main(argv: list[str] | None = None) -> int:
              "answer_column": args.answer_column, "question_template": args.question_template, "subset": args.subset}
     data = data.model_copy(update={k: v for k, v in flags.items() if v is not None})
     split = args.split or (d.eval_split if d and d.eval_split else "test")
-    try:
-        samples = load_split(data, split, args.max_samples)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    samples = load_split(data, split, args.max_samples)  # a DataError is a user error (cli_errors)
     meta = {k: str(Path(v).resolve()) if Path(v).exists() else v
             for k, v in {"model": args.model, "data": path, "split": split}.items()}
     open_output(args.out, meta)  # refuse a file predict did not write before the model loads
