@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_RUN_OVERRIDES
+from conftest import TINY_RUN_OVERRIDES, InterruptAfter, Interrupted
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
@@ -39,19 +39,6 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 QUICK = [*TINY_RUN_OVERRIDES, "eval.enabled=false"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Interrupted(Exception):
-    """Stands in for a killed job."""
-
-
-class InterruptAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupted(f"interrupted after step {self.step}")
 
 
 class Recorder(TrainerCallback):

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import InterruptAfter, Interrupted
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
@@ -77,19 +78,6 @@ def assets(tmp_path_factory) -> SimpleNamespace:
 def recipe(assets, output_dir: Path, *overrides: str) -> Recipe:
     paths = [f"model.path={assets.model}", f"data.path={assets.data}", f"train.output_dir={output_dir}"]
     return load_recipe(QUICKSTART, [*paths, *SMALL, *overrides])
-
-
-class Interrupted(Exception):
-    """Stands in for a killed job."""
-
-
-class InterruptAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupted(f"interrupted after step {self.step}")
 
 
 class Recorder(TrainerCallback):
