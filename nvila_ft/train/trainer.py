@@ -15,17 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
-import resource
 import shutil
-import subprocess
-import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import EarlyStoppingCallback, TrainerState, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
@@ -60,15 +54,16 @@ from nvila_ft.train.dataset import (  # noqa: F401 - SupervisedDataset, check_sa
     prepare_data,
 )
 from nvila_ft.train.recipe import Recipe
-from nvila_ft.train.recipe_io import recipe_to_yaml
+from nvila_ft.train.recipe_io import recipe_to_yaml, run_info
 from nvila_ft.train.tuning import (
     apply_tuning,
     base_model,
     param_groups,
     release_full_originals,
     trainable_table,
+    undo_kbit_upcast,
 )
-from nvila_ft.train.watch import LossCurve, WatchedTrainer, summary_line
+from nvila_ft.train.watch import DenseLog, LossCurve, WatchedTrainer, summary_line
 
 logger = logging.getLogger("nvila_ft.train")
 
@@ -143,79 +138,7 @@ class NvilaTrainer(WatchedTrainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
 
-class DenseLog(ProgressCallback):
-    """Progress bar plus one dense line per logging step: `step | loss | lr | samples/s | mem`."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs and "eval_loss" in logs:
-            numbers = [f"{k[5:]} {v:.4f}" for k, v in logs.items() if k.startswith("eval_") and isinstance(v, float)
-                       and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")]
-            self._write(f"eval step {state.global_step} | " + " | ".join(numbers))
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        if torch.cuda.is_available():
-            mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GB cuda"
-        else:
-            mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB rss"
-        elapsed = time.time() - getattr(self, "_t0", time.time())
-        self._t0 = time.time()
-        done = state.global_step - getattr(self, "_last_step", 0)
-        self._last_step = state.global_step
-        rate = done * args.per_device_train_batch_size * args.gradient_accumulation_steps / max(elapsed, 1e-9)
-        self._write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
-                    f"lr {logs.get('learning_rate', 0):.2e} | {rate:.2f} samples/s | mem {mem}")
-
-    def _write(self, line: str) -> None:
-        if self.training_bar is not None:
-            self.training_bar.write(line)
-        else:
-            print(line, flush=True)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        self._t0, self._last_step = time.time(), state.global_step
-
-
 # ---------------------------------------------------------------------------------------------- run
-def undo_kbit_upcast(llm: nn.Module, dtype: torch.dtype) -> None:
-    """Casts the frozen LLM weights that `prepare_model_for_kbit_training` upcast to fp32 back to `dtype`.
-
-    peft upcasts every parameter that is not 4-bit to fp32 (and freezes it). All of them are frozen
-    here; the largest are the vocabulary matrices (NVILA-8B: embed_tokens + lm_head = 2 x 151,651 x
-    3,584 = 1.09B params, 4.05 GiB in fp32 vs 2.03 GiB in bf16), the rest are norms and biases. All go
-    back, not only the vocabulary matrices: an fp32 final norm feeding a bf16 `lm_head` would fail
-    without autocast. The model is then in `dtype` as loaded, like a LoRA run; the trainables are made
-    later (fp32 under mixed precision, see :meth:`TrainingRun.load_model`). No-op for fp32 recipes.
-    """
-    if dtype not in (torch.bfloat16, torch.float16):
-        return
-    for param in llm.parameters():
-        if param.dtype == torch.float32 and not param.requires_grad:
-            param.data = param.data.to(dtype)
-
-
-def run_info(recipe: Recipe) -> dict:
-    """What ran: package versions, git commit of this kit, platform."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    pkgs = ["nvila-ft", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes"]
-    versions = {}
-    for p in pkgs:
-        try:
-            versions[p] = version(p)
-        except Exception:  # noqa: BLE001 - optional packages
-            versions[p] = None
-    local = Path(recipe.model.path)
-    return {"base_model": recipe.model.path, "base_model_path": str(local.resolve()) if local.is_dir() else None,
-            "git_commit": commit, "versions": versions,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
 class TrainingRun:
     """One fine-tuning run wired from a recipe (used by :func:`main` and the Python API).
 

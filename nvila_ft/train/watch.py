@@ -8,10 +8,14 @@ load_best_model_at_end, metric_for_best_model, EarlyStoppingCallback, push_to_hu
 from __future__ import annotations
 
 import logging
+import resource
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from nvila_ft.train.curves import CURVE, plot_loss_curve, task_metric
 
@@ -103,3 +107,36 @@ def summary_line(state, metrics: dict, seconds: float, output_dir: str | Path, m
     parts.append(f"results in {out}/: README.md, metrics.json, {CURVE}, predictions_final.jsonl "
                  f"(tensorboard --logdir {out / 'logs'})")
     return " | ".join(parts)
+
+
+class DenseLog(ProgressCallback):
+    """Progress bar plus one dense line per logging step: `step | loss | lr | samples/s | mem`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "eval_loss" in logs:
+            numbers = [f"{k[5:]} {v:.4f}" for k, v in logs.items() if k.startswith("eval_") and isinstance(v, float)
+                       and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")]
+            self._write(f"eval step {state.global_step} | " + " | ".join(numbers))
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        if torch.cuda.is_available():
+            mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GB cuda"
+        else:
+            mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB rss"
+        elapsed = time.time() - getattr(self, "_t0", time.time())
+        self._t0 = time.time()
+        done = state.global_step - getattr(self, "_last_step", 0)
+        self._last_step = state.global_step
+        rate = done * args.per_device_train_batch_size * args.gradient_accumulation_steps / max(elapsed, 1e-9)
+        self._write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
+                    f"lr {logs.get('learning_rate', 0):.2e} | {rate:.2f} samples/s | mem {mem}")
+
+    def _write(self, line: str) -> None:
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._t0, self._last_step = time.time(), state.global_step
