@@ -80,6 +80,19 @@ class NvilaTrainer(WatchedTrainer):
 
     _staging: str | None = None
     _bad_rows_seen: set | None = None
+    train_config = None  # the recipe's `train` section (learning rates per part), set by TrainingRun
+
+    def create_optimizer(self, model=None):
+        # The per-part AdamW groups (nvila_ft.train.tuning.param_groups) are built from the model the Trainer
+        # hands over here, not passed in ready-made: under FSDP the Trainer refuses an optimizer made before it
+        # wrapped the model (its parameters would be the pre-wrap ones).
+        if self.optimizer is None and self.train_config is not None:
+            t = self.train_config
+            groups = param_groups(model if model is not None else self.model, t)
+            self.optimizer = torch.optim.AdamW(
+                [{k: v for k, v in g.items() if k not in ("names", "name")} for g in groups], lr=t.lr,
+                weight_decay=t.weight_decay)
+        return super().create_optimizer(model)
 
     def _save_checkpoint(self, model, trial):
         # Trainer writes checkpoint-<step> in place, file by file: a job killed mid-save leaves a folder that
@@ -271,11 +284,7 @@ class TrainingRun:
     def build_trainer(self) -> NvilaTrainer:
         t = self.recipe.train
         args = self.training_arguments()
-        groups = param_groups(self.model, t)
-        print(trainable_table(base_model(self.model), groups), flush=True)
-        optimizer = torch.optim.AdamW(
-            [{k: v for k, v in g.items() if k not in ("names", "name")} for g in groups], lr=t.lr,
-            weight_decay=t.weight_decay)
+        print(trainable_table(base_model(self.model), param_groups(self.model, t)), flush=True)
         # With load_best_model_at_end the Trainer reloads the best adapter, trained copies included (peft).
         callbacks = [LossCurve(self.output_dir, self.metric_name), LogAtSave()]
         if t.early_stopping_patience is not None:
@@ -285,8 +294,9 @@ class TrainingRun:
             model=self.model, args=args, train_dataset=dataset,
             eval_dataset=SupervisedDataset(self.eval_loss_samples, self.processor) if self.eval_loss_samples else None,
             data_collator=dataset.collate, processing_class=self.processor.tokenizer,
-            optimizers=(optimizer, None), callbacks=callbacks,
+            callbacks=callbacks,
         )
+        self.trainer.train_config = t  # the optimizer (per-part groups) is made in NvilaTrainer.create_optimizer
         self.trainer.answer_metrics = self.answer_metrics if self.eval_samples else None
         self.trainer.write_card = self.write_model_card
         self.trainer.remove_callback(ProgressCallback)
