@@ -22,9 +22,17 @@ if __name__ == "__main__" and not __package__:
     # `python app/app.py`: import from the repository root (this folder's app.py would shadow the package).
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from app.media import IMAGE_EXTENSIONS, UploadError, check_upload, video_extensions, video_support  # noqa: E402
+from app.media import (  # noqa: E402
+    IMAGE_EXTENSIONS,
+    UploadError,
+    check_upload,
+    page_message,
+    video_extensions,
+    video_support,
+)
 from app.previewer import BASE, MAX_COMPARED_RUNS, Previewer  # noqa: E402 - after the path fix above
 from nvila_ft.cli_errors import user_errors  # noqa: E402
+from nvila_ft.inference import resolve_device  # noqa: E402
 
 logger = logging.getLogger("app")
 
@@ -69,9 +77,13 @@ def build_demo(previewer: Previewer):
         runs = previewer.runs_for(base)[:1]
         return gr.update(choices=previewer.runs_for(base), value=runs)
 
+    def loss_curve(runs):
+        image = previewer.loss_curve(runs[0]) if runs else None
+        return gr.update(value=image, visible=image is not None, label=f"Loss curve: {runs[0]}" if runs else "")
+
     def on_runs(runs):
         runs = list(runs or [])
-        return (*answer_boxes(runs), run_details(runs), *examples_for(runs))
+        return (*answer_boxes(runs), run_details(runs), loss_curve(runs), *examples_for(runs))
 
     def on_upload(path):
         """Checks an upload at once (type, size, decodable) and shows it; a refused file is removed."""
@@ -105,8 +117,8 @@ def build_demo(previewer: Previewer):
         start = time.perf_counter()
         try:
             previews = {key: previewer.tiles(media, base, None if key == BASE else key) for key in [BASE, *runs]}
-        except UploadError as err:
-            raise gr.Error(str(err)) from err
+        except (UploadError, ValueError, OSError) as err:  # VideoError is a ValueError; names the temp path
+            raise gr.Error(page_message(err, media)) from err
         shown = runs[0] if runs else BASE
         tiles = previews[shown]
         info = [f"**What the model saw** ({'base' if shown == BASE else shown}): {tiles.summary}"]
@@ -122,8 +134,8 @@ def build_demo(previewer: Previewer):
                 status = f"Answering with {'the base model' if current == BASE else current}..."
                 texts = [answers.get(BASE, "")] + [answers.get(r, "") for r in runs]
                 yield gr.skip(), gr.skip(), *(texts + blank)[: 1 + MAX_COMPARED_RUNS], status
-        except (UploadError, ValueError, KeyError) as err:
-            raise gr.Error(str(err)) from err
+        except (UploadError, ValueError, KeyError, OSError) as err:
+            raise gr.Error(page_message(err, media)) from err
         texts = [answers.get(BASE, "")] + [answers.get(r, "") for r in runs]
         yield (gr.skip(), gr.skip(), *(texts + blank)[: 1 + MAX_COMPARED_RUNS],
                f"Done in {time.perf_counter() - start:.1f} s (greedy)" if not temperature else
@@ -172,10 +184,13 @@ def build_demo(previewer: Previewer):
                 tile_info = gr.Markdown(elem_id="tile-info")
                 gallery = gr.Gallery(label="Tiles (or frames) the vision tower sees", columns=5, height=320, preview=False,
                                      object_fit="contain", elem_id="tiles")
-                with gr.Accordion("Run: recipe and metrics.json", open=True):
-                    details = gr.Markdown(elem_id="run-details")
+                with gr.Accordion("Run: recipe, metrics.json and loss curve", open=True):
+                    with gr.Row():
+                        details = gr.Markdown(elem_id="run-details")
+                        curve = gr.Image(label="Loss curve", interactive=False, visible=False, elem_id="loss-curve",
+                                         type="pil")
 
-        run_outputs = [*tuned_answers, details, examples, examples_note, examples_state]
+        run_outputs = [*tuned_answers, details, curve, examples, examples_note, examples_state]
         base.change(on_base, base, runs)
         runs.change(on_runs, runs, run_outputs)
         demo.load(on_runs, runs, run_outputs)
@@ -196,9 +211,13 @@ def launch(previewer: Previewer, host: str = "127.0.0.1", port: int | None = Non
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: anyone who can reach this machine can use the app (no login)", host)
     demo.queue(default_concurrency_limit=1)
-    return demo.launch(server_name=host, server_port=port, share=share, show_error=True, ssr_mode=False,
-                       max_file_size=int(previewer.max_upload_mb * 2**20),
-                       allowed_paths=[str(previewer.media_dir)])  # only the example copies made by the app
+    # quiet: gradio would print "To create a public link, set `share=True` in `launch()`", which is not how
+    # this app shares (--share); the address is printed here instead (a share link gradio prints itself).
+    demo.launch(server_name=host, server_port=port, share=share, show_error=True, ssr_mode=False, quiet=True,
+                max_file_size=int(previewer.max_upload_mb * 2**20), prevent_thread_lock=True,
+                allowed_paths=[str(previewer.media_dir)])  # only the example copies made by the app
+    print(f"app: {demo.local_url} (Ctrl-C stops it)", flush=True)
+    demo.block_thread()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -237,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     _gradio()
+    resolve_device(args.device)  # --device cuda without a GPU: refused now, not at the first question
     previewer = Previewer(runs_dir=args.runs_dir, base=args.base, runs=args.run, device=args.device,
                           dtype=args.dtype, quantize=args.quantize, max_upload_mb=args.max_upload_mb)
     for problem in previewer.problems():

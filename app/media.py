@@ -54,7 +54,8 @@ def check_upload(path: str | os.PathLike, max_upload_mb: float) -> str:
 
     Raises:
         UploadError: unknown extension, larger than `max_upload_mb` (MB = 2**20 bytes), an image over
-            `MAX_IMAGE_PIXELS` pixels, or a file that does not open as an image.
+            `MAX_IMAGE_PIXELS` pixels, an image that does not decode in full (truncated, corrupt), or a video
+            that does not open or has no frames. The message names the file, never its folder.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -68,19 +69,48 @@ def check_upload(path: str | os.PathLike, max_upload_mb: float) -> str:
     if size_mb > max_upload_mb:
         raise UploadError(f"{path.name} is {size_mb:.1f} MB; the limit is {max_upload_mb:g} MB (--max-upload-mb)")
     if suffix in videos:
-        return "video"
+        return _check_video(path)
     try:
         with Image.open(path) as im:
             width, height = im.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise UploadError(f"{path.name} is {width} x {height} pixels; the limit is "
                                   f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels")
-            im.verify()
+            im.load()  # a full decode: a truncated JPEG or PNG fails here, not at the first question
+            to_rgb(im)  # the conversion every model input goes through (16-bit, palette, alpha, ...)
     except UploadError:
         raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types for a file that is not an image
-        raise UploadError(f"{path.name} does not open as an image ({type(err).__name__})") from err
+        raise UploadError(f"{path.name} does not open as an image: {_reason(err, path)}") from err
     return "image"
+
+
+def _reason(err: BaseException, path: str | os.PathLike) -> str:
+    """The library's first line, without the server's (temporary) folder in it."""
+    path = Path(path)
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text.replace(str(path), path.name).replace(str(path.parent) + os.sep, "")[:200]
+
+
+def page_message(err: BaseException, path: str | os.PathLike | None) -> str:
+    """What the page shows for an error while answering about the upload `path`: one line, with the upload's
+    name instead of its path on the server."""
+    if path is None:
+        return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return _reason(err, path)
+
+
+def _check_video(path: Path) -> str:
+    """A video upload opens and has frames (`probe_video`: container header and frame count)."""
+    from nvila_ft.model.video import VideoError, probe_video
+
+    try:
+        n_frames, _ = probe_video(path)
+    except VideoError as err:
+        raise UploadError(f"{path.name} does not open as a video (truncated or not a video)") from err
+    if n_frames < 1:
+        raise UploadError(f"{path.name} has no video frames")
+    return "video"
 
 
 def load_media(path: str | os.PathLike, kind: str) -> list:

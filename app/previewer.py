@@ -316,6 +316,16 @@ class Previewer:
             lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in _flatten(metrics)]
         return "\n".join(lines)
 
+    def loss_curve(self, run: str) -> Image.Image | None:
+        """The run's `loss_curve.png` (train loss, eval loss, task metric against steps), or None; for a
+        checkpoint folder, its run's curve. Returned decoded, so the page needs no access to the run folder."""
+        path = self.entry(run).path
+        for folder in (path, path.parent):
+            if (folder / "loss_curve.png").is_file():
+                with Image.open(folder / "loss_curve.png") as image:
+                    return image.convert("RGB")
+        return None
+
     def examples(self, run: str, n: int = 4) -> tuple[list[tuple[str, str, str]], str | None]:
         """Up to `n` rows of the run's eval split when its data is on this machine.
 

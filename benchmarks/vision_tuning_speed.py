@@ -3,7 +3,7 @@
     python benchmarks/vision_tuning_speed.py [--repeats 5] [--llm-layers 2] [--vision-layers 3]
 
 Both runs: LoRA (r 64, all Linear layers) on the LLM, full projector, same seed and data; only
-`tune.vision_tower` differs (layernorm vs lora). Real NVILA-Lite-2B widths (nvila_ft/configs: SigLIP 1152
+`tune.vision_tower` differs (layernorm vs lora). Real NVILA-Lite-2B widths (nvila_ft/model/configs: SigLIP 1152
 wide with MLP 4304, Qwen2.5-1.5B 1536 wide with MLP 8960, 3x3 projector) at reduced depth and an 8k
 vocabulary so a step fits a 2-core CPU in about a second; one 448 px image (`resize`, 1024 vision tokens)
 and 64 text tokens. Steps alternate between the two models (interleaved repetitions) and the medians are
@@ -33,7 +33,7 @@ IMAGE_TOKEN, END_TOKEN, VOCAB = 5, 6, 8192
 
 
 def build(mode: str, llm_layers: int, vision_layers: int) -> torch.nn.Module:
-    config = NvilaConfig.from_json_file(str(ROOT / "nvila_ft" / "configs" / "NVILA-Lite-2B" / "config.json"))
+    config = NvilaConfig.from_json_file(str(ROOT / "nvila_ft" / "model" / "configs" / "NVILA-Lite-2B" / "config.json"))
     config.llm_cfg = {**config.llm_cfg, "num_hidden_layers": llm_layers, "max_window_layers": llm_layers,
                       "vocab_size": VOCAB, "bos_token_id": None, "eos_token_id": None}
     config.vision_tower_cfg = {**config.vision_tower_cfg, "num_hidden_layers": vision_layers}

@@ -12,12 +12,21 @@ would be shadowed by the modules of the same names); `load_model`, `generate`, `
 `AdapterBank` and `load_recipe` are also importable from `nvila_ft` itself.
 """
 
-from nvila_ft.model.checkpoint import load_tokenizer
-from nvila_ft.model.configuration import NvilaConfig
-from nvila_ft.model.modeling import NvilaForConditionalGeneration
-from nvila_ft.model.processing import NvilaProcessor, SampleTooLongError
-from nvila_ft.train.recipe import Recipe, RecipeError
-from nvila_ft.train.recipe_io import load_recipe
+import logging as _logging
+
+# bitsandbytes (0.50, backends/cpu/ops.py), imported by peft on every command (`--help` included), tries on a
+# CPU with AVX512-BF16 to fetch an optional 4-bit matmul kernel from the Hub ("kernels-community", needs the
+# `kernels` package and network) and logs "Failed to load CPU gemm_4bit_forward ..." when it cannot. It then
+# uses its own kernel, the one QLoRA on CPU was always going to use, so there is nothing for the user to do:
+# only errors of that one logger show. Set here, before anything imports bitsandbytes.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
+from nvila_ft.model.checkpoint import load_tokenizer  # noqa: E402 - after the logger setting above
+from nvila_ft.model.configuration import NvilaConfig  # noqa: E402
+from nvila_ft.model.modeling import NvilaForConditionalGeneration  # noqa: E402
+from nvila_ft.model.processing import NvilaProcessor, SampleTooLongError  # noqa: E402
+from nvila_ft.train.recipe import Recipe, RecipeError  # noqa: E402
+from nvila_ft.train.recipe_io import load_recipe  # noqa: E402
 
 __all__ = [
     "AdapterBank",

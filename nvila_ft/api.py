@@ -63,7 +63,9 @@ def train(
 
     Returns:
         The finished :class:`~nvila_ft.train.TrainingRun`: `.metrics` (also in `metrics.json`), `.output_dir`
-        (peft adapter, model card), `.model`, `.processor`.
+        (peft adapter, model card), `.model`, `.processor`. When `train.output_dir` already holds this run,
+        finished, nothing is trained: `.metrics` is its `metrics.json` and `.model` is None (load it with
+        :func:`load_model`).
     """
     from nvila_ft.train.trainer import TrainingRun
 

@@ -21,11 +21,13 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from nvila_ft.data.rows import DataError
     from nvila_ft.model.processing import SampleTooLongError
     from nvila_ft.model.video import VideoError
+    from nvila_ft.train.checkpoints import RunStateError
     from nvila_ft.train.recipe import RecipeError
 
-    types: list[type[BaseException]] = [RecipeError, DataError, SampleTooLongError, VideoError, FileNotFoundError,
-                                        NotADirectoryError, IsADirectoryError, PermissionError]
-    for module, name in (("nvila_ft.inference", "RunError"), ("nvila_ft.merge", "MergeError")):
+    types: list[type[BaseException]] = [RecipeError, DataError, SampleTooLongError, VideoError, RunStateError,
+                                        FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError]
+    for module, name in (("nvila_ft.inference", "RunError"), ("nvila_ft.merge", "MergeError"),
+                         ("nvila_ft.predict", "OutputFileError")):
         try:
             types.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):

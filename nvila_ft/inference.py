@@ -88,10 +88,26 @@ def base_checkpoint(run_dir: str | os.PathLike) -> str:
     return path  # hub id
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch device (None: cuda when available, else cpu), checked before any weight loads.
+
+    Raises:
+        RunError: an unknown device name, or a CUDA device on a machine where torch sees none (or fewer).
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise RunError(f"--device {device}: not a torch device ({err}); use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {device}: torch finds no CUDA GPU on this machine "
+                           f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise RunError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return resolved
 
 
 def load_processor(model: NvilaForConditionalGeneration, folder: str | os.PathLike | None = None,
@@ -141,7 +157,7 @@ def load_model(
     run = is_run(path)
     recipe = run_recipe(path) if run else None
     checkpoint = str(base) if base is not None else (base_checkpoint(path) if run else str(path))
-    device = _device(device)
+    device = resolve_device(device)
     if dtype is None:
         dtype = recipe.model.dtype if recipe else ("bfloat16" if device.type == "cuda" else "float32")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -151,7 +167,8 @@ def load_model(
     attn = recipe.model.attn_implementation if recipe else "sdpa"
     model = NvilaForConditionalGeneration.from_pretrained(
         checkpoint, dtype=torch_dtype, attn_implementation=attn, llm_quantization_config=quant,
-        device_map={"": device} if device.type == "cuda" else None)
+        device_map={"": device} if device.type == "cuda" else None,
+        init=recipe.model.init if recipe else "pretrained")  # a model.init=random run: the same seeded weights
     if quant is None:
         model.to(device)
     else:  # the 4-bit LLM is placed by device_map (GPU) or stays on the CPU

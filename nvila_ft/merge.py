@@ -2,10 +2,14 @@
 
     python -m nvila_ft.merge runs/medical runs/medical-merged --dtype bf16
     python -m nvila_ft.merge runs/medical runs/medical-export --non-lora-trainables   # no merge: file export
+    python -m nvila_ft.merge runs/medical runs/medical-hf --layout hf    # NVIDIA's -hf layout, for SGLang
 
 The result is `config.json` + `llm/` (weights, tokenizer with NVILA's media tokens, chat template) +
 `vision_tower/` (+ `preprocessor_config.json`) + `mm_projector/`, the layout of `Efficient-Large-Model/NVILA-8B`:
 it loads with `nvila_ft.load_model(OUT_DIR)` / `NvilaForConditionalGeneration.from_pretrained` and no adapter.
+`--layout hf` writes NVIDIA's single-folder -hf layout instead (`config.json` with `text_config` /
+`vision_config`, `model.safetensors`, tokenizer; model_type `nvila` or `nvila_lite`), which SGLang serves
+(`--layout hf-0626`: model_type `vila`); see `nvila_ft.model.hf_layout`.
 
 QLoRA runs (`tune.llm: qlora`) were trained on 4-bit nf4 LLM weights; a checkpoint is never written in 4 bit.
 By default (`--qlora-base dequantized`) the LoRA update is added to the nf4 weights dequantized to `--dtype`:
@@ -33,6 +37,7 @@ from pathlib import Path
 
 from nvila_ft.cli_errors import user_errors
 from nvila_ft.model.checkpoint import DTYPES
+from nvila_ft.model.hf_layout import LAYOUTS, hf_model_type, save_hf
 from nvila_ft.model.media import MediaConfig
 from nvila_ft.train.tuning import NON_LORA_FILE
 
@@ -62,6 +67,7 @@ def merge(
     base: str | os.PathLike | None = None,
     device: str = "cpu",
     qlora_base: str = "dequantized",
+    layout: str = "original",
 ) -> Path:
     """Folds a run's LoRA adapter into its base model, loads its non-LoRA trainables and saves the result.
 
@@ -74,12 +80,15 @@ def merge(
         device: where the merge runs ("cpu" needs RAM for the whole model in `dtype`; "cuda" is faster).
         qlora_base: for `tune.llm: qlora` runs, "dequantized" (merge into the dequantized nf4 weights: same
             outputs as the trained model) or "original" (merge into the original weights); see the module doc.
+        layout: "original" (config.json + llm/ + vision_tower/ + mm_projector/), "hf" or "hf-0626" (NVIDIA's
+            single-folder -hf layouts, `nvila_ft.model.hf_layout.save_hf`).
 
     Returns:
         The output folder.
 
     Raises:
-        MergeError: not a run folder, an unknown dtype / qlora_base, or overlapping folders.
+        MergeError: not a run folder, an unknown dtype / qlora_base / layout, a projector the -hf layout cannot
+            hold, or overlapping folders.
         RunError: the run's base checkpoint cannot be found (pass `base`).
     """
     from peft import PeftModel
@@ -101,6 +110,8 @@ def merge(
         raise MergeError(f"dtype {dtype!r}: choose one of bf16, fp16, fp32")
     if qlora_base not in QLORA_BASES:
         raise MergeError(f"qlora_base {qlora_base!r}: choose one of {QLORA_BASES}")
+    if layout not in LAYOUTS:
+        raise MergeError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     torch_dtype = DTYPES[DTYPE_NAMES[dtype]]
     checkpoint = str(base) if base is not None else base_checkpoint(run_dir)
     if Path(checkpoint).exists():
@@ -109,6 +120,11 @@ def merge(
 
     quantized = recipe.tune.llm == "qlora" and qlora_base == "dequantized"
     model, _ = load_model(checkpoint, dtype=torch_dtype, device=device, quantize=quantized)
+    if layout != "original":
+        try:
+            hf_model_type(model.config, layout)
+        except ValueError as err:
+            raise MergeError(str(err)) from err
     if recipe.tune.llm == "qlora":
         if quantized:
             model.llm.dequantize()  # transformers: bitsandbytes Linear4bit -> nn.Linear in the compute dtype
@@ -132,7 +148,14 @@ def merge(
     if settings_path.is_file():
         MediaConfig.from_dict(json.loads(settings_path.read_text())).write_to(model.config)
     model.config.model_dtype = f"torch.{DTYPE_NAMES[dtype]}"
-    model.save_pretrained(out_dir)
+    if layout == "original":
+        model.save_pretrained(out_dir)
+    else:
+        from nvila_ft.model.checkpoint import resolve_checkpoint
+        from nvila_ft.model.hf_layout import detect_layout
+
+        base_folder = resolve_checkpoint(checkpoint)  # an -hf base lends its remote code (SGLang reads it)
+        save_hf(model, out_dir, layout, code_from=base_folder if detect_layout(base_folder) != "original" else None)
     logger.info("merged %s into %s -> %s (%s)", run_dir, checkpoint, out_dir, torch_dtype)
     return out_dir
 
@@ -189,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Example:\n  python -m nvila_ft.merge runs/medical runs/medical-merged --dtype bf16\n"
         "  python -m nvila_ft.predict runs/medical-merged --data DATA --out preds.jsonl   # use it")
     parser.add_argument("run_dir", help="run folder from nvila_ft.train.trainer (or one of its checkpoint-<step>)")
-    parser.add_argument("out_dir", help="new checkpoint folder (official NVILA layout)")
+    parser.add_argument("out_dir", help="new checkpoint folder (layout per --layout)")
+    parser.add_argument("--layout", default="original", choices=list(LAYOUTS),
+                        help="original (default: llm/ vision_tower/ mm_projector/) or NVIDIA's single-folder "
+                        "-hf layout that SGLang serves (hf; hf-0626 = model_type vila)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                         help="weights dtype of the merge and the output (default %(default)s)")
     parser.add_argument("--base", help="base checkpoint, when the one recorded in the run is not found from here")
@@ -201,23 +227,17 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"no merge: write a LoRA-only adapter + {NON_LORA_FILE} (official names) to OUT_DIR")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from nvila_ft.inference import RunError
 
+    # MergeError and RunError are user errors: one line, exit 2 (cli_errors.user_errors).
     if args.non_lora_trainables:
-        try:
-            out = export_non_lora(args.run_dir, args.out_dir)
-        except MergeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        out = export_non_lora(args.run_dir, args.out_dir)
         print(f"wrote {out} (adapter without modules_to_save, {NON_LORA_FILE})")
         return 0
-    try:
-        out = merge(args.run_dir, args.out_dir, dtype=args.dtype, base=args.base, device=args.device,
-                    qlora_base=args.qlora_base)
-    except (MergeError, RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} (config.json, llm/, vision_tower/, mm_projector/); load it with "
+    out = merge(args.run_dir, args.out_dir, dtype=args.dtype, base=args.base, device=args.device,
+                qlora_base=args.qlora_base, layout=args.layout)
+    parts = "config.json, llm/, vision_tower/, mm_projector/" if args.layout == "original" else (
+        "config.json, model.safetensors, tokenizer; -hf layout")
+    print(f"wrote {out} ({parts}); load it with "
           f"nvila_ft.load_model({str(out)!r})")
     return 0
 

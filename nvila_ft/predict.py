@@ -7,6 +7,8 @@ Data is read with the training loaders (`nvila_ft.data.load_samples`: LLaVA JSON
 Face dataset); for a run, the data settings default to its recipe's. Each output line is
 `{"id", "index", "question", "prediction"}` plus `reference` (and `references`, `answer_type`) when the data has
 answers. Lines are flushed after every batch; a restart with the same `--out` skips the rows already written.
+`<out>.meta.json` records the model, data and split: predict resumes only its own files (a cut-off last line is
+dropped) and refuses any other `--out`, changing nothing in it.
 A row that cannot be used (missing image, too long) is reported and skipped, never fatal (`--on-bad-row error`
 to stop instead); it is retried on the next restart.
 """
@@ -39,9 +41,21 @@ def _keys(samples: Sequence[dict]) -> list[str]:
     return [f"{i}#{s.get('index')}" for i, s in zip(ids, samples)]
 
 
-def read_done(out: str | os.PathLike) -> list[dict]:
-    """The complete rows of an output file. A last line cut off by a kill is dropped from the file (atomically),
-    so that appending continues on a clean line.
+class OutputFileError(ValueError):
+    """`--out` names a file that predict did not write (or wrote for another model or data); it is left as it is."""
+
+
+def meta_path(out: str | os.PathLike) -> Path:
+    """The sidecar that marks `out` as predict's own file: `<out>.meta.json` (model, data, split)."""
+    out = Path(out)
+    return out.with_name(out.name + ".meta.json")
+
+
+def read_done(out: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """The complete rows of a predictions file. A last line that is not JSON (cut off by a kill) is ignored;
+    with `repair`, it is dropped from the file (atomically) so that appending continues on a clean line, and a
+    complete last line without its newline gets one. Only :func:`open_output` repairs, and only predict's own
+    files (those with a :func:`meta_path` sidecar).
 
     Raises:
         ValueError: a line other than the last is not JSON (the file is not a predictions file).
@@ -57,15 +71,71 @@ def read_done(out: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             if number != len(lines):
                 raise ValueError(f"{path}:{number} is not a JSON line; is --out a predictions file?") from None
-            logger.warning("%s: dropping its cut-off last line", path)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(lines[:-1]), encoding="utf-8")
-            os.replace(tmp, path)
+            if repair:
+                logger.warning("%s: dropping its cut-off last line", path)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(lines[:-1]), encoding="utf-8")
+                os.replace(tmp, path)
         else:
-            if line.endswith("\n") is False:  # complete JSON without newline: finish the line
+            if repair and not line.endswith("\n"):  # complete JSON without newline: finish the line
                 with open(path, "a", encoding="utf-8") as f:
                     f.write("\n")
     return rows
+
+
+def _is_prediction(line: str) -> bool:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(row, dict) and "prediction" in row
+
+
+def open_output(out: str | os.PathLike, meta: dict | None = None) -> list[dict]:
+    """Claims `out` for predict and returns the rows already there (resume).
+
+    A missing or empty `out` is predict's from now on: its sidecar `<out>.meta.json` records `meta` (model,
+    data, split). An existing `out` is resumed only when it is predict's: it has the sidecar, naming the same
+    model, data and split as `meta` (a cut-off last line is then dropped), or, written before sidecars
+    existed, every line of it is a complete prediction row. Any other file is never changed.
+
+    Raises:
+        OutputFileError: `out` is another file, or predictions of another model, data or split.
+    """
+    out = Path(out)
+    sidecar = meta_path(out)
+    meta = {"written_by": "nvila_ft.predict", **{k: str(v) for k, v in (meta or {}).items() if v is not None}}
+    if not out.exists() or (out.is_file() and out.stat().st_size == 0):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(sidecar, meta)
+        return []
+    if not out.is_file():
+        raise OutputFileError(f"--out {out} is not a file; name a .jsonl file")
+    if sidecar.is_file():
+        try:
+            recorded = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            recorded = {}
+        if recorded.get("written_by") != "nvila_ft.predict":
+            raise OutputFileError(f"--out {out}: {sidecar.name} is not predict's record; choose another --out")
+        changed = [k for k in ("model", "data", "split") if k in meta and k in recorded and meta[k] != recorded[k]]
+        if changed:
+            was = ", ".join(f"{k} {recorded[k]}" for k in changed)
+            raise OutputFileError(f"--out {out} holds predictions of {was}, not {', '.join(meta[k] for k in changed)};"
+                                  " choose another --out (or delete it and its .meta.json to start over)")
+        return read_done(out, repair=True)
+    lines = out.read_text(encoding="utf-8", errors="replace").splitlines()
+    if not all(_is_prediction(line) for line in lines if line.strip()):
+        raise OutputFileError(f"--out {out} exists and was not written by nvila_ft.predict (no {sidecar.name}); "
+                              "it is left as it is: choose another --out")
+    _write_json(sidecar, meta)  # complete rows of a predictions file written before sidecars: adopt it
+    return read_done(out)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def predict(
@@ -78,6 +148,7 @@ def predict(
     max_new_tokens: int = 64,
     on_bad_row: str = "skip",
     progress: bool = True,
+    meta: dict | None = None,
 ) -> dict:
     """Answers `samples` into the JSONL file `out`, skipping rows already there (resume).
 
@@ -88,13 +159,18 @@ def predict(
         batch_size: prompts per `generate` call.
         max_new_tokens: generation budget per answer (tokens).
         on_bad_row: "skip" reports unusable rows and goes on; "error" stops at the first.
+        meta: what is answered ({"model", "data", "split"}), recorded in `<out>.meta.json`; a rerun into the
+            same `out` must name the same (see :func:`open_output`).
 
     Returns:
         {"written": rows written now, "skipped_done": rows found in `out`, "bad": [(id, reason), ...]}.
+
+    Raises:
+        OutputFileError: `out` exists and is not predict's file for the same model and data.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {str(row.get("key", row.get("id"))) for row in read_done(out)}
+    done = {str(row.get("key", row.get("id"))) for row in open_output(out, meta)}
     keys = _keys(samples)
     todo = [(k, s) for k, s in zip(keys, samples) if k not in done]
     bad: list[tuple[str, str]] = []
@@ -191,14 +267,13 @@ def main(argv: list[str] | None = None) -> int:
              "answer_column": args.answer_column, "question_template": args.question_template, "subset": args.subset}
     data = data.model_copy(update={k: v for k, v in flags.items() if v is not None})
     split = args.split or (d.eval_split if d and d.eval_split else "test")
-    try:
-        samples = load_split(data, split, args.max_samples)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    samples = load_split(data, split, args.max_samples)  # a DataError is a user error (cli_errors)
+    meta = {k: str(Path(v).resolve()) if Path(v).exists() else v
+            for k, v in {"model": args.model, "data": path, "split": split}.items()}
+    open_output(args.out, meta)  # refuse a file predict did not write before the model loads
     model, processor = load_model(args.model, base=args.base, dtype=args.dtype, device=args.device)
     result = predict(model, processor, samples, args.out, batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens, on_bad_row=args.on_bad_row)
+                     max_new_tokens=args.max_new_tokens, on_bad_row=args.on_bad_row, meta=meta)
     print(f"{args.out}: {result['written']} rows written, {result['skipped_done']} already there, "
           f"{len(result['bad'])} bad rows skipped" + ("" if not result["bad"] else " (rerun to retry them)"))
     for key, reason in result["bad"][:20]:

@@ -100,7 +100,7 @@ def score_pass(model, processor, samples: Sequence[dict], part: str | os.PathLik
     """
     part = Path(part)
     part.parent.mkdir(parents=True, exist_ok=True)
-    done_rows = read_done(part)
+    done_rows = read_done(part, repair=True)  # its own part file: a cut-off last line is dropped
     other = {r.get("model") for r in done_rows} - {model_name}
     if other:
         raise PruneError(f"{part} holds rows scored with {sorted(other)[0]}, not {model_name}; delete it or use "
@@ -368,22 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
 
-    from nvila_ft.train.recipe import RecipeError
     from nvila_ft.train.recipe_io import load_recipe
 
-    try:
-        check_keep(args.keep, "--keep")
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.plan:
-            return _print_plan(recipe, args)
-        result = score_and_prune(recipe, args.small, args.large, args.out, keep=args.keep, by=args.by,
-                                 method=args.method, batch_size=args.batch_size, dtype=args.dtype,
-                                 device=args.device, max_samples=args.max_samples)
-    except (RecipeError, DataError) as err:  # PruneError is a DataError
-        if os.environ.get("NVILA_FT_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # RecipeError and DataError (PruneError is one) are user errors: one line, exit 2 (cli_errors.user_errors).
+    check_keep(args.keep, "--keep")
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.plan:
+        return _print_plan(recipe, args)
+    result = score_and_prune(recipe, args.small, args.large, args.out, keep=args.keep, by=args.by,
+                             method=args.method, batch_size=args.batch_size, dtype=args.dtype,
+                             device=args.device, max_samples=args.max_samples)
     paths = result["paths"]
     print(result["selection"].table())
     for key, reason in result["bad"][:20]:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -124,3 +125,17 @@ def train_tiny_run(assets, out, *overrides: str):
 def tiny_run(tiny_assets):
     """A LoRA run (LoRA LLM, LayerNorm vision tower, full projector) in `tiny_assets.root / "run"`."""
     return train_tiny_run(tiny_assets, tiny_assets.root / "run")
+
+
+# Killed-job stand-ins for the resume tests (test_train, test_run_state).
+class Interrupted(Exception):
+    """Stands in for a killed job."""
+
+
+class InterruptAfter(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupted(f"interrupted after step {self.step}")

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from app.app import main, parse_args
-from app.media import UploadError, check_upload, denormalize, tile_preview
+from app.media import UploadError, check_upload, denormalize, page_message, tile_preview, video_support
 from app.previewer import BASE, Previewer, find_runs, stream_answer
 from nvila_ft.inference import RunError, generate, load_model, prepare_inputs
 from nvila_ft.model.image_processing import tile_image
@@ -200,6 +200,40 @@ def test_uploads_are_checked(tmp_path, wide_image):
         check_upload(wide_image, max_upload_mb=0.001)
 
 
+def test_uploads_are_decoded_in_full_and_errors_name_no_server_folder(tmp_path, wide_image):
+    folder = tmp_path / "gradio-tmp-123"
+    folder.mkdir()
+    whole = folder / "scan.jpg"
+    Image.open(wide_image).convert("RGB").save(whole, quality=90)
+    assert check_upload(whole, 5) == "image"
+    cut = folder / "cut.jpg"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # header intact: Image.open and verify pass
+    with pytest.raises(UploadError, match=r"^cut\.jpg does not open as an image: .*truncated") as err:
+        check_upload(cut, 5)
+    assert str(folder) not in str(err.value)
+    gone = folder / "gone.mp4"
+    message = page_message(FileNotFoundError(f"video file not found: {gone}"), gone)
+    assert message == "video file not found: gone.mp4"
+
+
+@pytest.mark.skipif(video_support() is not None, reason="needs the video extra (decord)")
+def test_a_file_named_mp4_must_open_as_a_video(tmp_path):
+    fake = tmp_path / "holiday.mp4"
+    fake.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)  # an mp4 header, no video
+    with pytest.raises(UploadError, match=r"^holiday\.mp4 does not open as a video") as err:
+        check_upload(fake, 5)
+    assert str(tmp_path) not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_refused_at_start(tiny_runs, capsys):
+    assert main(["--runs-dir", str(tiny_runs.runs), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --device cuda: torch finds no CUDA GPU") and "\n" not in err
+    assert main(["--runs-dir", str(tiny_runs.runs), "--device", "tpu7"]) == 2
+    assert "not a torch device" in capsys.readouterr().err
+
+
 def test_page_values_are_labels_not_paths(previewer, wide_image, tiny_runs):
     base = previewer.default_base()
     with pytest.raises(KeyError, match="unknown base"):
@@ -220,6 +254,17 @@ def test_run_summary_shows_recipe_and_metrics(tiny_runs, previewer):
     assert f"| eval.n | {metrics['eval']['n']} |" in summary
     assert "llm lora, vision_tower frozen" in previewer.run_summary("medical-r4")
     assert "No `metrics.json`" in previewer.run_summary("medical/checkpoint-2")
+
+
+def test_loss_curve_is_shown_with_the_run(tiny_runs, previewer):
+    from nvila_ft.train.curves import read_series
+
+    image = previewer.loss_curve("medical")
+    assert image is not None and image.size == (640, 360)  # loss_curve.png as the run wrote it
+    series = read_series(tiny_runs.runs / "medical" / "loss_curve.png")
+    assert [step for step, _ in series["train loss"]] == [1, 2]  # train.max_steps=2, logged every step
+    assert [step for step, _ in series["eval loss"]] == [2]  # the final evaluation
+    assert previewer.loss_curve("medical/checkpoint-2") is not None  # a checkpoint shows its run's curve
 
 
 def test_examples_come_from_the_eval_split(tiny_runs, previewer, tmp_path):

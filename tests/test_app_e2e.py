@@ -134,7 +134,7 @@ def test_upload_ask_and_compare_in_a_browser(server, tiny_runs):
 
     assert shot.stat().st_size > 10_000
     log = log_path.read_text()
-    assert f"Running on local URL:  {url.rstrip('/')}" in log  # bound to 127.0.0.1, no share link
+    assert f"app: {url.rstrip('/')}" in log and "share=True" not in log  # bound to 127.0.0.1, no share hint
     assert "gradio.live" not in log
     if os.environ.get("NVILA_FT_UPDATE_SCREENSHOT") == "1":
         (ROOT / "docs").mkdir(exist_ok=True)

@@ -94,8 +94,8 @@ def test_pydicom_is_only_in_the_demo_extra_and_dev_covers_it():
     assert not names & {"pydicom", "scikit-video", "rich", "trl"}
     extras = {k: {d.split(">")[0] for d in v} for k, v in project["optional-dependencies"].items()}
     assert extras["demo"] == {"pydicom", "scikit-video"} and extras["demo"] <= extras["dev"]
-    assert 'pip install -e ".[demo]" && accelerate launch -m nvila_ft.train recipes/quickstart.yaml' in (
-        ROOT / "README.md").read_text()
+    assert ('pip install -e ".[demo]" && accelerate launch --config_file recipes/accelerate/single_process.yaml '
+            "-m nvila_ft.train recipes/quickstart.yaml") in (ROOT / "README.md").read_text()
 
 
 def test_a_run_on_a_demo_base_loads_from_its_recipe(tiny_assets, tiny_run, tmp_path):

@@ -44,7 +44,8 @@ def test_custom_dataset_is_under_30_lines_of_user_code():
 def test_custom_dataset_trains_on_a_dataset_object_with_its_own_metric(out):
     stdout = run_example("custom_dataset", out)
     metrics = json.loads((out / "custom" / "metrics.json").read_text())
-    assert set(metrics["eval"]) == {"first_word_accuracy", "n"} and metrics["eval"]["n"] == 4
+    # the metric's numbers, the eval loss and the step the final model was evaluated at
+    assert set(metrics["eval"]) == {"first_word_accuracy", "n", "loss", "step"} and metrics["eval"]["n"] == 4
     assert metrics["train_samples"] == 4  # data.max_train_samples of the tiny overrides, from the CSV
     assert "first_word_accuracy" in stdout
     assert "first_word_accuracy" in (out / "custom" / "README.md").read_text()  # the model card names it

@@ -109,3 +109,15 @@ def test_preflight_passes_scaled_modes_and_refuses_a_conversion_that_loses_the_p
     monkeypatch.setattr(checks, "to_rgb", lambda im: im.convert("RGB"))  # the old, clipping conversion
     report = preflight(rows, on_bad_row="skip", progress=False)
     assert [r.id for r in report.bad] == ["0"] and "flat colour" in report.bad[0].reason
+
+
+def test_an_rgb_file_read_inside_a_with_block_stays_usable_after_it(tmp_path):
+    # Frames folders (video.load_video) and image paths (processing._open_image) convert inside
+    # `with Image.open(...)`; returning the still-lazy original crashed at the first resize once closed.
+    path = tmp_path / "frame.png"
+    pixels = np.arange(12 * 10 * 3, dtype=np.uint8).reshape(12, 10, 3)
+    Image.fromarray(pixels, mode="RGB").save(path)
+    with Image.open(path) as im:
+        rgb = to_rgb(im)
+    assert np.array_equal(np.asarray(rgb.resize((5, 6))), np.asarray(Image.fromarray(pixels).resize((5, 6))))
+    assert np.array_equal(np.asarray(_open_image(str(path))), pixels)

@@ -167,3 +167,73 @@ def test_only_label_rows_of_vocab_width_are_kept_for_backward(assets):
     n_label = out.logits.shape[0]
     assert n_label > 0 and sum(n for _, n in saved.values()) == 4 * n_label * vocab
     assert {d for d, _ in saved.values()} == {torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------- fused loss (GPU)
+def _fake_liger(monkeypatch, fn):
+    """Installs `liger_kernel.transformers.functional.liger_fused_linear_cross_entropy = fn` (no Triton here)."""
+    import sys
+    import types
+
+    module = types.ModuleType("liger_kernel.transformers.functional")
+    module.liger_fused_linear_cross_entropy = fn
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", module)
+
+
+def torch_flce(input, weight, target, bias=None, reduction="mean"):
+    """Pure-torch stand-in with Liger's signature and semantics (ignore_index -100, mean or sum)."""
+    return torch.nn.functional.cross_entropy(torch.nn.functional.linear(input, weight, bias).float(), target,
+                                             ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def test_fused_loss_is_chosen_only_on_cuda_with_liger_and_a_plain_head(monkeypatch):
+    from types import SimpleNamespace
+
+    from nvila_ft.model.loss import fused_linear_cross_entropy
+
+    head = torch.nn.Linear(8, 16, bias=False)
+    cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # stands in for a CUDA tensor
+    monkeypatch.setitem(__import__("sys").modules, "liger_kernel", None)  # not installed: ImportError
+    assert fused_linear_cross_entropy(head, cuda) is None
+    _fake_liger(monkeypatch, torch_flce)
+    assert fused_linear_cross_entropy(head, cuda) is torch_flce
+    assert fused_linear_cross_entropy(head, torch.zeros(2, 8)) is None  # CPU: the label-only path
+    assert fused_linear_cross_entropy(head, SimpleNamespace(device=cuda.device, dtype=torch.bfloat16)) is None
+    wrapped = type("LoraLinear", (torch.nn.Linear,), {})(8, 16)  # a LoRA / modules_to_save wrapper is not plain
+    assert fused_linear_cross_entropy(wrapped, cuda) is None
+
+
+@pytest.mark.parametrize("num_items", [None, 57])
+def test_fused_path_gives_the_label_only_loss_and_gradients(assets, monkeypatch, num_items):
+    """The wiring of the fused path (targets, reduction, num_items_in_batch) with a pure-torch fused function."""
+    import nvila_ft.model.loss as modeling
+
+    model, processor = load(assets, "tune.llm=full")
+    batch = batch_of(processor)
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    plain, plain_grads = loss_and_grads(model, lambda: model(**batch, **kwargs).loss)
+    assert model(**batch).logits is not None  # CPU: the label-only path, logits kept
+    monkeypatch.setattr(modeling, "fused_linear_cross_entropy", lambda head, hidden: torch_flce)
+    out = model(**batch, **kwargs)
+    assert out.logits is None
+    fused, fused_grads = loss_and_grads(model, lambda: model(**batch, **kwargs).loss)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels need CUDA (Triton)")
+def test_liger_kernel_matches_the_label_only_loss_on_gpu(assets):
+    pytest.importorskip("liger_kernel.transformers.functional")
+    from nvila_ft.model.loss import fused_linear_cross_entropy
+
+    head = torch.nn.Linear(64, 1000, bias=False).cuda()
+    hidden = torch.randn(37, 64, device="cuda")
+    target = torch.randint(0, 1000, (37,), device="cuda")
+    target[::5] = IGNORE_INDEX
+    fused = fused_linear_cross_entropy(head, hidden)
+    assert fused is not None
+    torch.testing.assert_close(fused(hidden, head.weight, target, None, reduction="mean"),
+                               torch_flce(hidden, head.weight, target), rtol=1e-5, atol=1e-6)

@@ -18,14 +18,16 @@ def test_run_folder_readme_is_our_model_card(tiny_run, tiny_assets):
     metrics = json.loads((tiny_run.output_dir / "metrics.json").read_text())
 
     assert "More Information Needed" not in card  # PEFT's adapter card was replaced
-    assert card.startswith("# run\n") and str(tiny_assets.model) in card  # base model
+    assert card.startswith("---\n") and "\n---\n\n# run: tiny-nvila fine-tuned with nvila-ft\n" in card  # metadata, title
+    assert str(tiny_assets.model) in card  # base model
     assert "| `llm` | lora | LoRA r 8, alpha 16, dropout 0.05, all-linear | 1.00e-02 |" in card  # recipe summary
     assert "| `vision_tower` | layernorm |  | 1.00e-03 |" in card
     assert "Optimizer steps: 3 " in card
     assert f"`{tiny_assets.data}` (format llava)" in card and "samples used: 4 train, 4 eval" in card  # data
     assert f"| overall_accuracy | {metrics['eval']['overall_accuracy']:.4f} |" in card  # metrics
-    assert f"python -m nvila_ft.predict {tiny_run.output_dir.resolve()} --data DATA" in card
-    assert f"python -m nvila_ft.merge {tiny_run.output_dir.resolve()} " in card
+    typed = tiny_run.recipe.train.output_dir  # the output_dir as the recipe gave it
+    assert f"python -m nvila_ft.predict {typed} --data DATA" in card
+    assert f"python -m nvila_ft.merge {typed} {typed}-merged" in card
 
 
 def test_model_card_snippet_runs_as_written(tiny_run, capsys):

@@ -304,8 +304,14 @@ def test_gpu_benchmark_runs_on_cpu_at_tiny_shapes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (out,) = tmp_path.glob("gpu_memory-*-tiny.json")
     run = json.loads(out.read_text())["runs"][0]
-    assert run["measured_static_bytes"] == run["predicted_static_bytes"]
-    assert run["predicted_bytes"] > 0 and run["measured_bytes"] > 0 and abs(run["error_pct"]) < 50
+    # weights and AdamW states exact; gradients: the plan counts every trainable, a text-only sample
+    # sends none to the projector / vision tower
+    assert run["static"]["weights"] == run["predicted_static"]["weights"]
+    assert run["static"]["optimizer"] == run["predicted_static"]["optimizer"]
+    assert 0 < run["static"]["gradients"] <= run["predicted_static"]["gradients"]
+    assert run["predicted_bytes"] > 0 and run["measured_bytes"] > 0 and -10 < run["error_pct"] < 60
+    # the vision tower stops at layer -2 (issue 18): the discarded layer's checkpointed input is no longer
+    # measured, so the CPU stand-in over-predicts more at these toy shapes (about +55%).
     assert run["plan"]["sample"]["llm_tokens"] == run["llm_tokens"] and run["samples_per_s"] > 0
 
 

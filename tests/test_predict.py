@@ -12,7 +12,7 @@ import pytest
 from nvila_ft.data import DataError, load_samples
 from nvila_ft.evaluate import generate_answers
 from nvila_ft.inference import load_model
-from nvila_ft.predict import main, predict, read_done
+from nvila_ft.predict import OutputFileError, main, meta_path, predict, read_done
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,6 +87,42 @@ def test_read_done_refuses_a_file_that_is_not_predictions(tmp_path):
     path.write_text("hello\n{}\n")
     with pytest.raises(ValueError, match="notes.jsonl:1 is not a JSON line"):
         read_done(path)
+
+
+def test_a_file_predict_did_not_write_is_refused_and_left_as_it_is(loaded, samples, tiny_run, tmp_path, capsys):
+    model, processor = loaded
+    notes = tmp_path / "notes.txt"
+    notes.write_text("buy milk")  # one line, no newline: it looked like a cut-off prediction row
+
+    code = main([str(tiny_run.output_dir), "--out", str(notes), "--max-samples", "2", "--dtype", "float32",
+                 "--device", "cpu"])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and notes.read_text() == "buy milk" and not meta_path(notes).exists()
+    assert err.startswith("error: --out ") and "not written by nvila_ft.predict" in err and "\n" not in err
+    table = tmp_path / "table.jsonl"
+    table.write_text('{"a": 1}\n{"b": 2}')  # JSON lines, but not predictions
+    with pytest.raises(OutputFileError, match="not written by nvila_ft.predict"):
+        predict(model, processor, samples, table, progress=False)
+    assert table.read_text() == '{"a": 1}\n{"b": 2}'
+
+
+def test_own_file_is_resumed_only_for_the_same_model_and_data(loaded, samples, tmp_path):
+    model, processor = loaded
+    out = tmp_path / "preds.jsonl"
+    meta = {"model": "runs/a", "data": "data/x", "split": "test"}
+    predict(model, processor, samples[:2], out, max_new_tokens=4, progress=False, meta=meta)
+    assert json.loads(meta_path(out).read_text()) == {"written_by": "nvila_ft.predict", **meta}
+    before = out.read_text()
+
+    with pytest.raises(OutputFileError, match="holds predictions of model runs/a, not runs/b"):
+        predict(model, processor, samples, out, progress=False, meta={**meta, "model": "runs/b"})
+    assert out.read_text() == before
+
+    legacy = tmp_path / "legacy.jsonl"  # complete rows written before sidecars existed: resumed
+    legacy.write_text(before)
+    result = predict(model, processor, samples[:3], legacy, max_new_tokens=4, progress=False, meta=meta)
+    assert result["skipped_done"] == 2 and result["written"] == 1 and meta_path(legacy).is_file()
 
 
 def test_cli_defaults_to_the_runs_eval_split_and_scores(tiny_run, tmp_path, capsys):

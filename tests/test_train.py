@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import InterruptAfter, Interrupted
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
@@ -77,19 +78,6 @@ def assets(tmp_path_factory) -> SimpleNamespace:
 def recipe(assets, output_dir: Path, *overrides: str) -> Recipe:
     paths = [f"model.path={assets.model}", f"data.path={assets.data}", f"train.output_dir={output_dir}"]
     return load_recipe(QUICKSTART, [*paths, *SMALL, *overrides])
-
-
-class Interrupted(Exception):
-    """Stands in for a killed job."""
-
-
-class InterruptAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupted(f"interrupted after step {self.step}")
 
 
 class Recorder(TrainerCallback):
@@ -344,6 +332,19 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(trained, resumed):
     # In fact bit-identical: peft's load_adapter copies the saved fp32 copies into the trained parameters.
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert losses(resumed.run.trainer.state.log_history) == losses(trained.run.trainer.state.log_history)
+
+
+@pytest.mark.slow
+def test_resumed_run_reports_the_whole_runs_figures(trained, resumed):
+    # metrics.json and the card of the resumed run give the loss of all 8 steps (from the trainer state's
+    # history), not of the 4 steps after the resume: the same figures as the uninterrupted run.
+    whole = sum(losses(trained.run.trainer.state.log_history).values()) / 8
+    for done in (resumed, trained):
+        train = json.loads((done.out / "metrics.json").read_text())["train"]
+        assert train["train_loss"] == pytest.approx(whole, rel=1e-9)
+        assert (train["global_step"], train["epoch"]) == (8, 4.0)  # 8 steps x batch 2 over 4 rows
+        card = (done.out / "README.md").read_text()
+        assert f"Final training loss: {whole:.4f}." in card and "Optimizer steps: 8 (4 epochs" in card
 
 
 def test_latest_checkpoint_skips_half_written_folders(tmp_path):

@@ -114,7 +114,8 @@ def preflight(
     open + load; files are closed again), each video present, readable, not truncated (its sampled frames
     decode) and not shorter than the frames requested (unless `video_check.short_videos` is "repeat"), and
     `length_fn(sample) <= max_length` when both are given (checked only on rows that passed the rest).
-    Rows that pass get `sample["video_frames"]`: the frames each video decodes to.
+    Rows that pass get `sample["video_frames"]`: the frames each video decodes to, and, when `length_fn` is
+    given, `sample["num_tokens"]`: the length it returned (length-grouped batching reuses it).
 
     Args:
         samples: Normalized samples from `load_samples`.
@@ -149,7 +150,7 @@ def preflight(
                 sample["video_frames"] = frames
         if not problems and length_fn is not None:
             try:
-                length = length_fn(sample)
+                length = sample["num_tokens"] = length_fn(sample)
                 if length > max_length:
                     problems.append(
                         f"{length} tokens > max_length {max_length}; shorten it or raise max_length"

@@ -1,6 +1,7 @@
 """Writes a random, seeded, tiny NVILA checkpoint in the original hub layout, for tests and the offline quickstart.
 
     python -m nvila_ft.tiny runs/tiny-nvila --variant nvila --seed 0   # or --variant nvila-lite, --overwrite
+    python -m nvila_ft.tiny runs/tiny-nvila-hf --layout hf               # NVIDIA's -hf layout (or hf-0626)
 
 The folder mirrors the official layout file by file (`../shared/parity/checkpoints/<variant>/` and
 `../shared/docs/nvila-architecture.md`, "Checkpoint layouts on the hub"):
@@ -9,6 +10,9 @@ The folder mirrors the official layout file by file (`../shared/parity/checkpoin
     llm/             Qwen2ForCausalLM + a Qwen2 byte-level BPE tokenizer (`nvila_ft.demo.tokenizer`, no download)
     vision_tower/    SiglipVisionModel (keys `vision_model.*`) + SigLIP preprocessor_config.json
     mm_projector/    MultimodalProjector (keys `layers.<i>.*`)
+
+With `--layout hf` / `hf-0626` the same weights are written as one folder (`config.json` with `text_config` /
+`vision_config`, `model.safetensors`, tokenizer): see `nvila_ft.model.hf_layout`.
 
 Weights are random (seeded), stored in bf16. The media tokens (`<image>`, ...) are not in the
 tokenizer: the loader adds them, as with the official checkpoints.
@@ -322,9 +326,10 @@ def build_tiny_checkpoint(
     seed: int = 0,
     *,
     overwrite: bool = False,
+    layout: str = "original",
     **size_overrides: Any,
 ) -> Path:
-    """Writes a random tiny NVILA checkpoint in the official original hub layout.
+    """Writes a random tiny NVILA checkpoint in the official original hub layout (or an -hf one, `layout`).
 
     The folder is built in a temporary sibling and renamed into place, so `out_dir` is never left half-written.
     The same `variant`, `seed` and overrides give byte-identical safetensors files.
@@ -335,6 +340,9 @@ def build_tiny_checkpoint(
             (dynamic tiles, 3x3 projector, tied head, max length 4096); see VARIANTS.
         seed: `torch.manual_seed` for the weights (the tokenizer does not depend on it).
         overwrite: replace a non-empty `out_dir`.
+        layout: `original`, `hf` (NVIDIA's single-folder -hf layout: model_type `nvila` for the `nvila` variant,
+            `nvila_lite` for `nvila-lite`) or `hf-0626` (model_type `vila`, `nvila-lite` only); the same weights
+            in every layout (:mod:`nvila_ft.model.hf_layout`).
         **size_overrides: fields of TinySpec, e.g. `num_hidden_layers=4, vision_hidden_size=64`.
 
     Returns:
@@ -360,6 +368,8 @@ def build_tiny_checkpoint(
             f"{out} is not empty; choose an empty folder or pass overwrite=True (CLI: --overwrite)."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
+    if layout != "original":
+        return _write_hf(out, spec, variant, seed, layout)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write_checkpoint(tmp, spec, variant, seed)
@@ -373,6 +383,22 @@ def build_tiny_checkpoint(
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     logger.info("Wrote tiny %s checkpoint (seed %d) to %s", variant, seed, out)
+    return out
+
+
+def _write_hf(out: Path, spec: TinySpec, variant: str, seed: int, layout: str) -> Path:
+    """The original-layout tiny checkpoint, loaded and saved as `layout` by `hf_layout.save_hf` (atomic)."""
+    from nvila_ft.model.hf_layout import LAYOUTS, hf_model_type, save_hf
+    from nvila_ft.model.modeling import NvilaForConditionalGeneration
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: choose one of {sorted(LAYOUTS)}.")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.orig-", dir=out.parent) as tmp:
+        _write_checkpoint(Path(tmp), spec, variant, seed)
+        model = NvilaForConditionalGeneration.from_pretrained(tmp, dtype=torch.bfloat16)
+        hf_model_type(model.config, layout)  # refuses a projector the layout cannot hold, before writing
+        save_hf(model, out, layout)
+    logger.info("Wrote tiny %s checkpoint (seed %d, layout %s) to %s", variant, seed, layout, out)
     return out
 
 
@@ -394,14 +420,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="nvila")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    parser.add_argument("--layout", choices=["original", "hf", "hf-0626"], default="original",
+                        help="checkpoint layout: original (llm/ vision_tower/ mm_projector/), hf (NVIDIA's -hf "
+                        "single folder), hf-0626 (model_type vila; nvila-lite only)")
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()  # one "Writing model shards" bar per save otherwise
     try:
-        out = build_tiny_checkpoint(args.out, args.variant, args.seed, overwrite=args.overwrite)
-    except FileExistsError as err:
+        out = build_tiny_checkpoint(args.out, args.variant, args.seed, overwrite=args.overwrite, layout=args.layout)
+    except (FileExistsError, ValueError) as err:
         parser.error(str(err))
-    counts = parameter_counts(out)
     print(out)
+    if args.layout != "original":
+        print(f"{args.variant} seed {args.seed}, layout {args.layout}")
+        return 0
+    counts = parameter_counts(out)
     print(f"{args.variant} seed {args.seed}: " + " | ".join(f"{k} {v:,} params" for k, v in counts.items()))
     return 0
 

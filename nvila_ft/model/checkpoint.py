@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 from nvila_ft.demo import is_demo_path
 from nvila_ft.demo import resolve as resolve_demo
 from nvila_ft.model.configuration import MEDIA_TOKENS, SENTINEL_TOKEN, NvilaConfig, with_v4_keys
+from nvila_ft.model.hf_layout import detect_layout, hf_config_to_nvila, hf_tokenizer, load_hf
 from nvila_ft.model.projector import MultimodalProjector
 
 # Recipe / config dtype names -> torch dtypes.
@@ -66,6 +67,16 @@ def load_tokenizer(folder: str | os.PathLike):
     `sentinel_token_id`. Adding is a no-op for a tokenizer saved by this kit or NVIDIA's trainer.
     """
     return add_media_tokens(AutoTokenizer.from_pretrained(Path(folder) / "llm", padding_side="right"))
+
+
+def read_checkpoint(folder: str | os.PathLike) -> tuple[NvilaConfig, object]:
+    """(config, tokenizer with media tokens) of a checkpoint folder in either layout: original (`config.json` +
+    `llm/` tokenizer) or -hf (:mod:`nvila_ft.model.hf_layout`: config converted, tokenizer at the top)."""
+    folder = Path(folder)
+    if detect_layout(folder) == "original":
+        return NvilaConfig.from_json_file(str(folder / "config.json")), load_tokenizer(folder)
+    config = hf_config_to_nvila(json.loads((folder / "config.json").read_text()))
+    return config, hf_tokenizer(folder, config)
 
 
 def add_media_tokens(tokenizer):
@@ -129,8 +140,13 @@ def resize_embeddings_like_official(llm: nn.Module, new_rows: int, storage_dtype
 
 def load_official(path_or_id: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,
                   attn_implementation: str | None = None, llm_quantization_config=None, device_map=None,
-                  revision: str | None = None) -> tuple[NvilaConfig, object, dict[str, nn.Module]]:
-    """The parts of an official-layout checkpoint (see `NvilaForConditionalGeneration.from_pretrained`).
+                  revision: str | None = None, init: str = "pretrained",
+                  ) -> tuple[NvilaConfig, object, dict[str, nn.Module]]:
+    """The parts of an NVILA checkpoint (see `NvilaForConditionalGeneration.from_pretrained`): the original
+    layout, or an -hf one (`detect_layout` on config.json; :func:`nvila_ft.model.hf_layout.load_hf`).
+
+    `init="random"`: the checkpoint's config with seeded random weights, nothing downloaded
+    (:func:`nvila_ft.model.random_init.random_official`).
 
     Returns:
         (config with the resolved token ids, tokenizer with media tokens, {"llm", "vision_tower", "mm_projector"}).
@@ -138,8 +154,36 @@ def load_official(path_or_id: str | os.PathLike, dtype: torch.dtype | str = torc
     Raises:
         FileNotFoundError: missing folder, sub-folder or hub id.
     """
-    folder = resolve_checkpoint(path_or_id, revision)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if init == "random":
+        from nvila_ft.model.random_init import random_official
+
+        return random_official(path_or_id, dtype, attn_implementation, llm_quantization_config, device_map, revision)
+    folder = resolve_checkpoint(path_or_id, revision)
+    hf = detect_layout(folder) != "original"
+    if hf:  # NVIDIA's single-folder -hf layouts
+        config, tokenizer, parts = load_hf(folder, dtype, attn_implementation, llm_quantization_config, device_map)
+        llm, vision_tower, mm_projector = parts["llm"], parts["vision_tower"], parts["mm_projector"]
+    else:
+        config, tokenizer, llm, vision_tower, mm_projector = _load_original_parts(
+            folder, dtype, attn_implementation, llm_quantization_config, device_map)
+    if llm_quantization_config is not None and llm.get_input_embeddings().weight.device.type == "cpu":
+        keep_nf4_unpacked_on_cpu(llm)
+
+    # -hf checkpoints already hold the media token rows (maybe padded beyond the tokenizer): only ever grow them.
+    rows = max(len(tokenizer), llm.get_input_embeddings().weight.shape[0]) if hf else len(tokenizer)
+    resize_embeddings_like_official(llm, rows, DTYPES.get(config.model_dtype.split(".")[-1]))
+    config.llm_cfg = llm.config.to_dict()
+    config.image_token_id = tokenizer.media_token_ids["image"]
+    config.video_token_id = tokenizer.media_token_ids["video"]
+    config.end_token_ids = tokenizer("\n", add_special_tokens=False).input_ids
+    # A demo: address is neither a folder nor a hub id: tools that read name_or_path (peft) get the folder.
+    config._name_or_path = str(folder if is_demo_path(path_or_id) else path_or_id)
+    return config, tokenizer, {"llm": llm, "vision_tower": vision_tower, "mm_projector": mm_projector}
+
+
+def _load_original_parts(folder: Path, dtype, attn_implementation, llm_quantization_config, device_map):
+    """config, tokenizer, llm, vision_tower, mm_projector of an original-layout folder (`load_official`)."""
     for part in ("llm", "vision_tower", "mm_projector"):
         if not (folder / part).is_dir():
             raise FileNotFoundError(f"{folder}: missing {part}/ (official NVILA layout expected)")
@@ -151,8 +195,6 @@ def load_official(path_or_id: str | os.PathLike, dtype: torch.dtype | str = torc
     if llm_quantization_config is not None:
         llm_kwargs["quantization_config"] = llm_quantization_config
     llm = AutoModelForCausalLM.from_pretrained(folder / "llm", **llm_kwargs)
-    if llm_quantization_config is not None and llm.get_input_embeddings().weight.device.type == "cpu":
-        keep_nf4_unpacked_on_cpu(llm)
     vision_tower = SiglipVisionModel.from_pretrained(
         folder / "vision_tower", dtype=dtype, attn_implementation=attn_implementation
     )
@@ -161,15 +203,7 @@ def load_official(path_or_id: str | os.PathLike, dtype: torch.dtype | str = torc
     mm_projector = MultimodalProjector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
     mm_projector.load_state_dict(load_file(folder / "mm_projector" / "model.safetensors"))
     mm_projector.to(dtype=dtype, device=llm.get_input_embeddings().weight.device)
-
-    resize_embeddings_like_official(llm, len(tokenizer), DTYPES.get(config.model_dtype.split(".")[-1]))
-    config.llm_cfg = llm.config.to_dict()
-    config.image_token_id = tokenizer.media_token_ids["image"]
-    config.video_token_id = tokenizer.media_token_ids["video"]
-    config.end_token_ids = tokenizer("\n", add_special_tokens=False).input_ids
-    # A demo: address is neither a folder nor a hub id: tools that read name_or_path (peft) get the folder.
-    config._name_or_path = str(folder if is_demo_path(path_or_id) else path_or_id)
-    return config, tokenizer, {"llm": llm, "vision_tower": vision_tower, "mm_projector": mm_projector}
+    return config, tokenizer, llm, vision_tower, mm_projector
 
 
 def save_official(model: nn.Module, save_directory: str | os.PathLike, state_dict: dict | None = None) -> None:

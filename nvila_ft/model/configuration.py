@@ -156,3 +156,18 @@ def with_v4_keys(cfg: dict) -> dict:
         cfg.setdefault("rope_theta", cfg["rope_parameters"]["rope_theta"])
         cfg.setdefault("rope_scaling", None)
     return cfg
+
+
+def vision_layers_run(num_layers: int, select_layer: int) -> int:
+    """SigLIP encoder layers that produce `hidden_states[select_layer]` (index 0: the patch embeddings).
+
+    `mm_vision_select_layer` -2 with 27 layers (SigLIP so400m) gives 26: the last layer and `post_layernorm`
+    are not needed (architecture note, "Vision tower").
+
+    Raises:
+        ValueError: `select_layer` is outside -(num_layers + 1) .. num_layers.
+    """
+    if not -(num_layers + 1) <= select_layer <= num_layers:
+        raise ValueError(f"mm_vision_select_layer {select_layer} is outside the {num_layers + 1} hidden states "
+                         "of the vision tower")
+    return num_layers + 1 + select_layer if select_layer < 0 else select_layer

@@ -249,3 +249,10 @@ def embedded_text_tokens(ids: Sequence[int], media_ids: Sequence[int], skip_ids:
         else:
             count, at_start = count + 1, False
     return count
+
+
+def skip_leading(ids, start: int, skip: tuple[int, ...]) -> int:
+    """First position at or after `start` whose token is not in `skip` (`NvilaForConditionalGeneration.embed`)."""
+    while start < ids.shape[0] and skip and int(ids[start]) in skip:
+        start += 1
+    return start

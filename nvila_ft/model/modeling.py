@@ -4,14 +4,13 @@ official NVILA checkpoints (NVlabs/VILA `modeling_vila.py`, `../shared/docs/nvil
     model = NvilaForConditionalGeneration.from_pretrained("Efficient-Large-Model/NVILA-Lite-2B")
     out = model(**processor(conversations, images), labels=...)
 
-Loads and saves the original hub layout (`config.json` + `llm/` + `vision_tower/` + `mm_projector/`)
-without `trust_remote_code`.
+Loads and saves the original hub layout (`config.json` + `llm/` + `vision_tower/` + `mm_projector/`), and
+loads NVIDIA's single-folder -hf layouts (`nvila_ft.model.hf_layout`), without `trust_remote_code`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 
@@ -19,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, SiglipVisionModel
-from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from nvila_ft.model.attention import compute_dtype, segment_attention
 from nvila_ft.model.checkpoint import load_official, save_official
-from nvila_ft.model.configuration import IGNORE_INDEX, NvilaConfig
-from nvila_ft.model.media import segment_skip_ids
+from nvila_ft.model.configuration import IGNORE_INDEX, NvilaConfig, vision_layers_run
+from nvila_ft.model.loss import label_loss
+from nvila_ft.model.media import segment_skip_ids, skip_leading
+from nvila_ft.model.multiscale import merge_tiles, split_blocks
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.model.projector import MultimodalProjector
 from nvila_ft.model.video import PoolSize, pool_frames
@@ -33,29 +34,10 @@ logger = logging.getLogger(__name__)
 
 BlockSizes = Sequence[tuple[int, int] | None] | torch.Tensor | None
 
-def merge_tiles(features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Stitches row-major tile features (rows*cols, f*f, C) into one map (1, C, rows*f, cols*f)."""
-    n, tokens, c = features.shape
-    f = math.isqrt(tokens)
-    grid = features.reshape(rows, cols, f, f, c).permute(4, 0, 2, 1, 3)  # C, rows, f, cols, f
-    return grid.reshape(1, c, rows * f, cols * f)
-
-
-def split_blocks(feature_map: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Cuts a (1, C, H, W) map into rows*cols row-major blocks, returned as tokens (rows*cols, h*w, C)."""
-    _, c, h, w = feature_map.shape
-    bh, bw = h // rows, w // cols
-    blocks = feature_map.reshape(c, rows, bh, cols, bw).permute(1, 3, 2, 4, 0)  # rows, cols, bh, bw, C
-    return blocks.reshape(rows * cols, bh * bw, c)
-
-
 def _compute_param(module: nn.Module) -> torch.Tensor:
-    """The first parameter `module` computes with, whose dtype and device its input takes.
-
-    A module trained in full is a peft `modules_to_save` wrapper holding the frozen original (`model.dtype`)
-    beside the trained copy (fp32 under mixed precision); the copy is what runs, as the trained parameter
-    itself did before peft wrapped it, so the original is skipped.
-    """
+    """The first parameter `module` computes with, whose dtype and device its input takes: in a peft
+    `modules_to_save` wrapper (a part trained in full) the trained copy runs (fp32 under mixed precision), not
+    the frozen original (`model.dtype`), which is skipped."""
     first = None
     for name, p in module.named_parameters():
         if "original_module." not in name:
@@ -107,17 +89,21 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         llm_quantization_config=None,
         device_map=None,
         revision: str | None = None,
+        init: str = "pretrained",
         **_unused,
     ) -> NvilaForConditionalGeneration:
-        """Loads an official-layout NVILA checkpoint from a local folder or a hub id.
+        """Loads an official NVILA checkpoint, original or -hf layout, from a local folder or a hub id.
 
         Args:
-            path_or_id: folder with `config.json`, `llm/`, `vision_tower/`, `mm_projector/`, or a hub id
-                such as `Efficient-Large-Model/NVILA-Lite-2B`.
+            path_or_id: folder with `config.json`, `llm/`, `vision_tower/`, `mm_projector/`, or an -hf folder
+                (`config.json` with `text_config` / `vision_config` + `model.safetensors`, read by
+                `nvila_ft.model.hf_layout`), or a hub id such as `Efficient-Large-Model/NVILA-Lite-2B(-hf)`.
             dtype: weights dtype in memory (torch dtype or "bfloat16"/"float16"/"float32").
             attn_implementation: "sdpa" | "eager" | "flash_attention_2" | None (library default).
             llm_quantization_config: a `BitsAndBytesConfig` to load the LLM in 4/8 bit (QLoRA).
             device_map: passed to the LLM's `from_pretrained` (e.g. {"": 0}).
+            init: "pretrained" (the checkpoint's weights) or "random" (its config only, seeded random weights
+                built on `device_map`'s device: `nvila_ft.model.random_init`; recipe key `model.init`).
 
         Returns:
             The model in eval mode with `model.tokenizer` set; the LLM embeddings are resized to the
@@ -128,7 +114,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             FileNotFoundError: missing folder, sub-folder or hub id.
         """
         config, tokenizer, parts = load_official(path_or_id, dtype, attn_implementation, llm_quantization_config,
-                                                 device_map, revision)
+                                                 device_map, revision, init)
         model = cls(config, **parts)
         model.tokenizer = tokenizer
         model.eval()
@@ -144,25 +130,41 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         save_official(self, save_directory, state_dict)
 
     # ------------------------------------------------------------------ gradient checkpointing
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, parts=("llm", "vision_tower")):
-        """Enables activation checkpointing per part (`llm`, `vision_tower`), non-reentrant by default."""
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        parts=("llm", "vision_tower"), **kwargs):
+        """Enables activation checkpointing per part (`llm`, `vision_tower`), non-reentrant by default.
+
+        transformers 5 names this `activation_checkpointing_enable` (`gradient_checkpointing_enable` is its
+        deprecated alias, which warns and lands here); the Trainer calls this name."""
+        ac_kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
         for part in parts:
-            getattr(self, part).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            getattr(self, part).activation_checkpointing_enable(activation_checkpointing_kwargs=ac_kwargs, **kwargs)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """`is_activation_checkpointing` under its transformers-4 name, without the deprecation warning: peft
+        (0.21, `PeftModel.__init__`) still reads this name on every model it wraps, at every load."""
+        return self.is_activation_checkpointing
 
     def get_input_embeddings(self) -> nn.Module:
         return self.llm.get_input_embeddings()
 
     # ------------------------------------------------------------------ vision path
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """SigLIP features of tiles: (T, 3, 448, 448) -> (T, 1024, C) from `hidden_states[select_layer]`.
+        """SigLIP features of tiles: (T, 3, 448, 448) -> (T, 1024, C), equal to `hidden_states[select_layer]`.
 
-        `post_layernorm` is not applied (config `mm_vision_select_layer: -2`).
+        Only the patch embeddings and the encoder layers up to the selected one run (config
+        `mm_vision_select_layer: -2`: all but the last of the 27 layers); the later layers and `post_layernorm`,
+        whose output NVILA discards, are skipped but kept in the model (checkpoints, merge and save hold every
+        layer). Each layer is called as a module, so the tower's per-layer gradient checkpointing applies.
         """
         param = _compute_param(self.vision_tower)
-        out = self.vision_tower(pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
-        feats = out.hidden_states[self.config.mm_vision_select_layer]
-        return feats[:, 1:] if self.config.mm_vision_select_feature == "patch" else feats
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        hidden = tower.embeddings(pixel_values.to(device=param.device, dtype=param.dtype))
+        for layer in tower.encoder.layers[: vision_layers_run(len(tower.encoder.layers),
+                                                              self.config.mm_vision_select_layer)]:
+            hidden = layer(hidden, None)
+        return hidden[:, 1:] if self.config.mm_vision_select_feature == "patch" else hidden
 
     def encode_images(self, pixel_values: torch.Tensor, block_sizes: BlockSizes = None) -> list[torch.Tensor]:
         """Projected embeddings of each image (without the trailing "\\n").
@@ -291,12 +293,10 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             input_ids: (B, L) int64 with one `<image>` token per image and one `<vila/video>` token per video
                 (padding per `attention_mask`).
             attention_mask: (B, L) 1 for real tokens; padded positions are dropped before splicing.
-            pixel_values, block_sizes: see :meth:`encode_images`; images are consumed in order of
-                appearance, sample by sample.
+            pixel_values, block_sizes (see :meth:`encode_images`), pixel_values_videos, video_frames, pool_sizes
+                (see :meth:`video_embeddings`): media are consumed in order of appearance, sample by sample.
             labels: (B, L) int64 or None; media positions become -100.
             padding_side: where the expanded sequences are padded ("right" for training, "left" to generate).
-            pixel_values_videos, video_frames, pool_sizes: see :meth:`video_embeddings`; videos are consumed
-                in order of appearance, sample by sample.
             segment_ids: (B, L, 2) int64 pack / branch index per token (`nvila_ft.data.grouping`), or None.
 
         Returns:
@@ -337,7 +337,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             ids, emb = input_ids[b][keep], text[b][keep]
             lab = labels[b][keep] if labels is not None else None
             seg = segment_ids[b][keep] if segment_ids is not None else None
-            pieces, lab_pieces, seg_pieces, start = [], [], [], _skip_leading(ids, 0, skip)
+            pieces, lab_pieces, seg_pieces, start = [], [], [], skip_leading(ids, 0, skip)
             for pos in (is_media[b][keep]).nonzero().flatten().tolist():
                 if ids[pos] == image_id:
                     item, m = media[m], m + 1
@@ -348,7 +348,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
                     lab_pieces += [lab[start:pos], lab.new_full((item.shape[0],), IGNORE_INDEX)]
                 if seg is not None:
                     seg_pieces += [seg[start:pos], seg[pos].expand(item.shape[0], 2)]
-                start = _skip_leading(ids, pos + 1, skip)
+                start = skip_leading(ids, pos + 1, skip)
             pieces.append(emb[start:])
             seqs.append(torch.cat(pieces))
             if seg is not None:
@@ -360,24 +360,22 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         embeds = seqs[0].new_zeros(len(seqs), length, seqs[0].shape[-1])
         mask = torch.zeros(len(seqs), length, dtype=torch.long, device=embeds.device)
         out_labels = torch.full((len(seqs), length), IGNORE_INDEX, device=embeds.device) if labels is not None else None
+        out_segments = torch.tensor([-1, 0], device=embeds.device).repeat(len(seqs), length, 1) if segs else None
         for b, s in enumerate(seqs):
             sl = slice(0, s.shape[0]) if padding_side == "right" else slice(length - s.shape[0], length)
             embeds[b, sl], mask[b, sl] = s, 1
             if out_labels is not None:
                 out_labels[b, sl] = labs[b]
-        if segment_ids is None:
-            return embeds, mask, out_labels
-        out_segments = torch.zeros(len(seqs), length, 2, dtype=torch.long, device=embeds.device)
-        out_segments[..., 0] = -1
-        for b, s in enumerate(segs):
-            sl = slice(0, s.shape[0]) if padding_side == "right" else slice(length - s.shape[0], length)
-            out_segments[b, sl] = s.to(embeds.device)
-        return embeds, mask, out_labels, out_segments
+            if out_segments is not None:  # padding: pack -1, branch 0
+                out_segments[b, sl] = segs[b]
+        return (embeds, mask, out_labels) if segment_ids is None else (embeds, mask, out_labels, out_segments)
 
     @property
     def segment_skip_token_ids(self) -> tuple[int, ...]:
-        """Token ids NVIDIA's `_embed` drops at the start of a text segment (`media.segment_skip_ids`)."""
-        return segment_skip_ids(getattr(self, "tokenizer", None))
+        """Token ids NVIDIA's `_embed` drops at the start of a text segment (`media.segment_skip_ids`); none for
+        an -hf checkpoint, whose processor expands media in `input_ids` and drops nothing (`hf_layout`)."""
+        hf = getattr(self.config, "hf_model_type", None)
+        return () if hf else segment_skip_ids(getattr(self, "tokenizer", None))
 
     def forward(
         self,
@@ -404,9 +402,8 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             inputs_embeds: skip splicing and feed these to the LLM directly.
             pixel_values_videos: (F, 3, 448, 448) float frames of all videos of the batch.
             video_frames: (num_videos,) frames per video; pool_sizes: see :meth:`video_embeddings`.
-            segment_ids: (B, L, 2) int64 pack and branch index per token for shared prefixes and packing
-                (`nvila_ft.data.grouping.collate_units`): the LLM then gets the 4D mask and position_ids of
-                :func:`segment_attention` instead of `attention_mask`. Needs sdpa or eager attention.
+            segment_ids: (B, L, 2) int64 pack / branch per token (`nvila_ft.data.grouping`): the LLM then gets the
+                4D mask and position_ids of `attention.segment_attention` (sdpa or eager attention only).
 
             **kwargs: passed to the LLM (`output_hidden_states`, `num_items_in_batch` from the Trainer, ...).
 
@@ -423,7 +420,7 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             )
             segment_ids = segments[0] if segments else None
         if segment_ids is not None:
-            attention_mask, kwargs["position_ids"] = segment_attention(segment_ids, _compute_dtype(inputs_embeds))
+            attention_mask, kwargs["position_ids"] = segment_attention(segment_ids, compute_dtype(inputs_embeds))
         if labels is not None and self.training:
             return self._label_only_loss(inputs_embeds, attention_mask, labels, **kwargs)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -438,27 +435,23 @@ class NvilaForConditionalGeneration(PreTrainedModel):
     ) -> CausalLMOutputWithPast:
         """The training loss with `lm_head` applied only where a label is predicted.
 
-        In NVILA SFT most positions are media tokens and prompt (label -100); the full LLM head would build
-        (B, L', vocab) logits (vocab 151,651 for NVILA-8B) and their fp32 upcast for the loss, kept for
-        backward. Here the decoder's last hidden state is gathered at the positions p whose shifted label
-        `labels[p + 1]` is not -100, and only those rows go through `lm_head` and the fp32 cross-entropy.
-        The loss is transformers' `ForCausalLMLoss`: shift by one, ignore -100, mean over the labelled
-        tokens, or their sum divided by `num_items_in_batch` when the Trainer passes it (gradient
-        accumulation across micro-batches).
-
-        Args:
-            inputs_embeds: (B, L', H); attention_mask: (B, L'); labels: (B, L') int64, -100 = no loss.
-            num_items_in_batch: labelled tokens over all accumulated micro-batches, or None.
+        Most NVILA SFT positions are media and prompt (label -100); the full head would build (B, L', vocab)
+        logits (vocab 151,651 for NVILA-8B) and their fp32 upcast, kept for backward. Only the positions p
+        whose shifted label `labels[p + 1]` is not -100 go through `lm_head` and the fp32 cross-entropy
+        (`loss.label_loss`; Liger's fused kernel on CUDA with the `liger` extra). The loss is transformers'
+        `ForCausalLMLoss`: mean over the labelled tokens, or their sum / `num_items_in_batch` (gradient
+        accumulation). Args: inputs_embeds (B, L', H); attention_mask (B, L') or a 4D mask; labels (B, L')
+        int64, -100 = no loss; num_items_in_batch: labelled tokens of all accumulated micro-batches, or None.
 
         Returns:
             `CausalLMOutputWithPast` with `loss` (fp32 scalar) and `logits` (N_label_tokens, vocab) in
-            row-major (sample, position) order.
+            row-major (sample, position) order; `logits` is None on the fused path.
         """
         out = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        logits = self.llm.get_output_embeddings()(out.last_hidden_state[:, :-1][keep])
-        loss = fixed_cross_entropy(logits.float(), targets[keep], num_items_in_batch)
+        loss, logits = label_loss(self.llm.get_output_embeddings(), out.last_hidden_state[:, :-1][keep],
+                                  targets[keep], num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
@@ -488,7 +481,6 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
             generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
-
 
     @torch.no_grad()
     def generate_content(
@@ -526,54 +518,3 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
         return processor.decode(out[0])
-
-
-def segment_attention(segment_ids: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """4D additive attention mask and position_ids of packed, shared-prefix rows.
-
-    Query i sees key j when j <= i, both are in the same pack (`segment_ids[..., 0]`, -1 = padding), and j is
-    in the shared prefix (branch 0) or in i's own branch (`segment_ids[..., 1]`). A token's position is the
-    number of tokens it sees minus one: packs restart at 0, a branch continues from its prefix's length,
-    exactly the positions of the separate single sample. Padding sees only itself (position 0).
-
-    Args:
-        segment_ids: (B, L, 2) int64 (expanded coordinates, see :meth:`NvilaForConditionalGeneration.embed`).
-        dtype: a float dtype (the attention compute dtype) for an additive mask, 0 where attended and the
-            dtype's minimum elsewhere (what transformers' sdpa and eager attention add to the scores; one tensor
-            shared by all layers); None = a bool mask, True where attended.
-
-    Returns:
-        mask (B, 1, L, L), passed by transformers as a custom 4D mask as it is; position_ids (B, L) int64.
-    """
-    pack, branch = segment_ids[..., 0], segment_ids[..., 1]
-    length = pack.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=pack.device).tril()
-    same_pack = (pack[:, :, None] == pack[:, None, :]) & (pack[:, :, None] >= 0)
-    same_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
-    eye = torch.eye(length, dtype=torch.bool, device=pack.device)
-    visible = (causal & same_pack & same_branch) | eye
-    position_ids = visible.sum(-1) - 1
-    if dtype is None:
-        return visible[:, None], position_ids
-    # Storage rows padded to a multiple of 16 columns: sdpa's memory-efficient kernel then takes the mask as it
-    # is; an unaligned one is padded into a new tensor in every layer, and each copy is kept for backward.
-    b = visible.shape[0]
-    store = torch.zeros(b, 1, length, -(-length // 16) * 16, dtype=dtype, device=pack.device)
-    mask = store[..., :length]
-    mask.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
-    return mask, position_ids
-
-
-def _compute_dtype(inputs_embeds: torch.Tensor) -> torch.dtype:
-    """The dtype attention computes in: the autocast dtype when autocast is on, else the embeddings'."""
-    device = inputs_embeds.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return inputs_embeds.dtype
-
-
-def _skip_leading(ids: torch.Tensor, start: int, skip: tuple[int, ...]) -> int:
-    """First position at or after `start` whose token is not in `skip` (see `embed`)."""
-    while start < ids.shape[0] and skip and int(ids[start]) in skip:
-        start += 1
-    return start

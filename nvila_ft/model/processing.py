@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, ProcessorMixin
 
-from nvila_ft.model.checkpoint import add_media_tokens, load_tokenizer, resolve_checkpoint
+from nvila_ft.model.checkpoint import add_media_tokens, read_checkpoint, resolve_checkpoint
 from nvila_ft.model.configuration import IGNORE_INDEX, MEDIA_TOKENS, NvilaConfig
 from nvila_ft.model.image_processing import num_tiles, preprocess_image, to_rgb
 from nvila_ft.model.media import (
@@ -185,9 +185,8 @@ class NvilaProcessor(ProcessorMixin):
             tokenizer = add_media_tokens(AutoTokenizer.from_pretrained(folder, padding_side="right"))
             own.setdefault("system_prompt", saved.get("system_prompt"))
             return cls(tokenizer, media=MediaConfig.from_dict(saved), **own)
-        folder = resolve_checkpoint(pretrained_model_name_or_path)
-        config = NvilaConfig.from_json_file(str(folder / "config.json"))
-        return cls(load_tokenizer(folder), config, **own)
+        config, tokenizer = read_checkpoint(resolve_checkpoint(pretrained_model_name_or_path))
+        return cls(tokenizer, config, **own)
 
     def to_dict(self) -> dict:
         """What `processor_config.json` holds: the media config's fields, the system prompt, the class name."""
@@ -442,7 +441,8 @@ class NvilaProcessor(ProcessorMixin):
         return expanded_length(self.media, len(self.end_token_ids), text, image_sizes, video_frames)
 
     def _text_tokens(self, ids: Sequence[int]) -> int:
-        return embedded_text_tokens(ids, (self.image_token_id, self.video_token_id), segment_skip_ids(self.tokenizer))
+        skip = () if getattr(self.config, "hf_model_type", None) else segment_skip_ids(self.tokenizer)  # as the model
+        return embedded_text_tokens(ids, (self.image_token_id, self.video_token_id), skip)
 
     def collate(self, features: Sequence[dict], padding_side: str = "right") -> dict:
         """Pads a list of encoded samples into a batch.

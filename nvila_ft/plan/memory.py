@@ -53,11 +53,13 @@ def checkpoint_config(path_or_id: str) -> tuple[NvilaConfig, int, str]:
     Raises:
         FileNotFoundError: no local folder, no shipped config and the hub cannot be reached.
     """
-    from nvila_ft.model.checkpoint import load_tokenizer, resolve_checkpoint
+    from nvila_ft.model.checkpoint import read_checkpoint, resolve_checkpoint
+    from nvila_ft.model.hf_layout import detect_layout
+    from nvila_ft.model.random_init import apply_reduced_depth  # tests / CPU benchmarks: fewer layers
 
     shipped = shipped_configs()
     if not Path(path_or_id).expanduser().is_dir() and path_or_id in shipped:
-        config = NvilaConfig.from_json_file(str(shipped[path_or_id]))
+        config = apply_reduced_depth(NvilaConfig.from_json_file(str(shipped[path_or_id])))
         return config, config.video_token_id + 1, f"shipped config {shipped[path_or_id].parent.name}"
     try:
         folder = resolve_checkpoint(path_or_id)
@@ -67,11 +69,14 @@ def checkpoint_config(path_or_id: str) -> tuple[NvilaConfig, int, str]:
             f"model.path={path_or_id!r}: no local checkpoint folder, no shipped config ({names}) and no hub "
             f"snapshot: {err}"
         ) from err
-    config = NvilaConfig.from_json_file(str(Path(folder) / "config.json"))
-    if (Path(folder) / "llm").is_dir():
-        tokenizer = load_tokenizer(folder)
+    if (Path(folder) / "llm").is_dir() or detect_layout(folder) != "original":  # -hf: tokenizer at the top
+        config, tokenizer = read_checkpoint(folder)
+        config = apply_reduced_depth(config)
         config.end_token_ids = tokenizer("\n", add_special_tokens=False).input_ids
-        return config, len(tokenizer), f"checkpoint folder {folder}"
+        # -hf embeddings are only ever grown to the tokenizer (see checkpoint.load_official).
+        rows = len(tokenizer) if (Path(folder) / "llm").is_dir() else max(len(tokenizer), config.text_config.vocab_size)
+        return config, rows, f"checkpoint folder {folder}"
+    config = apply_reduced_depth(NvilaConfig.from_json_file(str(Path(folder) / "config.json")))
     return config, config.video_token_id + 1, f"checkpoint folder {folder}"
 
 

@@ -394,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-tokens", type=int, default=None,
                         help="answer tokens per sample for the logits/loss buffer (default: all its text tokens)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    args = parser.parse_args(argv)
+    parser.add_argument("--measure", action="store_true", help="fit check: run real training steps with random "
+                        "weights on this machine's GPU (nothing downloaded), measured peak beside the plan")
+    parser.add_argument("--steps", type=int, default=3, help="--measure: timed steps after one warm-up step")
+    args = parser.parse_intermixed_args(argv)  # options before or after the overrides
     logging.basicConfig(level=logging.WARNING)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -403,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.measure:
+        from nvila_ft.plan.measure import measure_recipe, measurement_table
+
+        result = measure_recipe(recipe, args.steps, memory_cap_gib=args.gpu_memory)
+        print(json.dumps(result, indent=2) if args.json else measurement_table(result))
+        return 0
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0

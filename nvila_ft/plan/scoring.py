@@ -13,6 +13,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from nvila_ft.model.checkpoint import DTYPES
+from nvila_ft.model.media import MediaConfig
 from nvila_ft.plan.memory import (
     CUDA_ALLOWANCE,
     DTYPE_BYTES,
@@ -32,8 +33,9 @@ def plan_scoring(recipe, model_path: str, batch_size: int = 8, dtype: str = "bfl
                  gpu_memory_gb: float | None = None, label_tokens: int | None = None) -> MemoryPlan:
     """Predicted peak GPU memory of scoring the recipe's data with one model (forward only, no_grad).
 
-    Terms: weights (every parameter in `dtype`); vision tower: the hidden states of every layer kept by
-    `output_hidden_states` (NVILA reads layer -2) plus one layer's working set (q, k, v, MLP); the LLM: the
+    Terms: weights (every parameter in `dtype`); vision tower: the running hidden state, one layer's output and
+    one layer's working set (q, k, v, MLP): `vision_features` runs the layers up to NVILA's layer -2 one by one
+    and keeps no list of hidden states; the LLM: the
     residual stream plus one decoder layer's working set, `(2h + 3f)` values per token (Qwen2 MLP: gate, up,
     act); the answer logits: only answer positions go through `lm_head` (`nvila_ft.prune.answer_logprobs`),
     kept in `dtype`, upcast to fp32 and log-softmaxed in fp32 (`dtype + 8` bytes per entry); the CUDA
@@ -56,12 +58,12 @@ def plan_scoring(recipe, model_path: str, batch_size: int = 8, dtype: str = "bfl
     like = SimpleNamespace(model=SimpleNamespace(dtype=dtype), tune=SimpleNamespace(llm="frozen"))
     rows = parameter_rows(model, like, "no")
     act = DTYPE_BYTES[dtype]
-    m, d = recipe.model, recipe.data
+    d = recipe.data
     n_end = len(config.end_token_ids or [198])
-    tiling = config.tiling(m.image_aspect_ratio, m.max_tiles)
-    samples = [*image_samples(config, tiling, d.max_length, n_end), text_sample(d.max_length)]
-    if m.num_video_frames:
-        samples.append(video_sample(config, tiling, d.max_length, n_end, m.num_video_frames, m.temporal_pool))
+    media = MediaConfig.from_recipe(config, recipe)  # the run's one media config, as training resolves it
+    samples = [*image_samples(media, n_end), text_sample(d.max_length)]
+    if media.num_video_frames:
+        samples.append(video_sample(media, n_end))
     tc, vc = model.llm.config, model.vision_tower.config
     vocab = model.llm.get_output_embeddings().weight.shape[0]
     v_layers = used_vision_layers(model)
@@ -71,10 +73,10 @@ def plan_scoring(recipe, model_path: str, batch_size: int = 8, dtype: str = "bfl
         n_llm = batch_size * s.llm_tokens
         text = s.llm_tokens - s.media_tokens
         n_label = batch_size * (text if label_tokens is None else min(label_tokens, text))
-        vision = act * n_vis * ((v_layers + 1) * vc.hidden_size + 4 * vc.hidden_size + vc.intermediate_size)
+        vision = act * n_vis * (2 * vc.hidden_size + 4 * vc.hidden_size + vc.intermediate_size)
         llm = act * n_llm * (tc.hidden_size + 2 * tc.hidden_size + 3 * tc.intermediate_size)
         logits = (act + 8) * n_label * vocab
-        return [Term("activations", "vision_tower", vision, f"{v_layers} hidden states + 1 layer x {n_vis} tokens"),
+        return [Term("activations", "vision_tower", vision, f"1 of {v_layers} layers at a time x {n_vis} tokens"),
                 Term("activations", "llm", llm, f"residual + 1 layer working set x {n_llm} tokens"),
                 Term("transient", "answer logits", logits, f"{n_label} answer tokens ({'all the text' if label_tokens is None else 'given'}) x {vocab} vocab")]
 

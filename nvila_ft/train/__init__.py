@@ -1,10 +1,12 @@
 """Fine-tuning: the recipe schema, per-part trainability, the Trainer wiring and the command line.
 
-    accelerate launch -m nvila_ft.train recipes/medical.yaml
+    accelerate launch --config_file recipes/accelerate/single_process.yaml \
+        -m nvila_ft.train recipes/medical.yaml
 
 - `recipe`: the typed recipe (one pydantic schema) and its YAML/override parsing.
 - `tuning`: `llm` / `vision_tower` / `mm_projector` modes through peft, learning-rate groups.
 - `trainer`: `TrainingRun`, which wires recipe, data, processor and model into `transformers.Trainer`.
+- `checkpoints`: the run folder's state: complete checkpoints, resume or finished, whole-run loss, bad rows.
 - `cli`: `python -m nvila_ft.train RECIPE [key=value ...]`.
 """
 

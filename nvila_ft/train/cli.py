@@ -1,6 +1,7 @@
 """Fine-tune NVILA with a recipe: LoRA on the LLM, LayerNorm-only vision tower, full projector (paper default).
 
-    accelerate launch -m nvila_ft.train recipes/medical.yaml [key=value ...]
+    accelerate launch --config_file recipes/accelerate/single_process.yaml \
+        -m nvila_ft.train recipes/medical.yaml [key=value ...]
     python -m nvila_ft.train recipes/quickstart.yaml train.max_steps=10
 
 Steps: recipe -> checkpoint (a `demo:` one is built on first use) -> data + preflight -> per-part tuning ->
@@ -24,7 +25,9 @@ from nvila_ft.train.trainer import TrainingRun
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nvila_ft.train", description=__doc__.split("\n\n")[0],
-        epilog="Example: accelerate launch -m nvila_ft.train recipes/medical.yaml train.max_steps=100 lora.r=16")
+        epilog="Example: accelerate launch --config_file recipes/accelerate/single_process.yaml -m nvila_ft.train "
+               "recipes/medical.yaml train.max_steps=100 lora.r=16\n(recipes/accelerate/multi_gpu.yaml: every GPU)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
     parser.add_argument("--force", action="store_true",

@@ -14,6 +14,12 @@ from nvila_ft.demo import DemoError, check_demo_path, is_demo_path
 
 logger = logging.getLogger(__name__)
 
+# transformers report_to name -> the package it imports (transformers.integrations).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "neptune": "neptune", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                    "trackio": "trackio", "codecarbon": "codecarbon", "azure_ml": "azureml",
+                    "dagshub": "dagshub", "flyte": "flytekit"}
+
 # NVILA paper (arXiv 2412.04468), PEFT section: the vision tower's lr should be 5-50x lower than the LLM's.
 VISION_LR_RATIO_RANGE = (5.0, 50.0)
 
@@ -82,6 +88,13 @@ class ModelConfig(_Section):
         description="[t, h, w]: average every t consecutive frames' tokens (and h x w token windows) after "
         "the projector (paper, temporal compression); t must divide num_video_frames. [8, 1, 1] as "
         "NVILA-8B-Video; [1, 1, 1] = none. null = the checkpoint's video_encoder pool_sizes.",
+    )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="pretrained: the checkpoint's weights. random: only its config (local folder, the shipped "
+        "configs of the official hub ids, or the hub's config.json) with seeded random weights built on the "
+        "GPU in model.dtype (QLoRA quantized as bitsandbytes loads it): the real memory and code path with no "
+        "weights download, for fit checks and benchmarks; nothing learnt is meaningful.",
     )
 
     @field_validator("path")
@@ -304,7 +317,8 @@ class DataConfig(_Section):
     )
     preflight: bool = Field(
         True,
-        description="Check every row (images open, lengths fit) before training starts, to fail in seconds.",
+        description="Check every row (images open, lengths fit) before training starts, to fail in seconds. "
+        "false: a row that fails at train time is left out of its batch, logged and counted (bad_rows.jsonl).",
     )
     prune: PruneConfig = Field(
         default_factory=PruneConfig,
@@ -367,7 +381,9 @@ class TrainConfig(_Section):
     per_device_train_batch_size: int = Field(
         1, ge=1, description="Samples per GPU per step. Higher: more memory."
     )
-    per_device_eval_batch_size: int = Field(1, ge=1, description="Samples per GPU per eval-loss step.")
+    per_device_eval_batch_size: int = Field(
+        1, ge=1, description="Samples per GPU per eval-loss step (eval.batch_size is the generation batch)."
+    )
     gradient_accumulation_steps: int = Field(
         8,
         ge=1,
@@ -388,8 +404,9 @@ class TrainConfig(_Section):
     )
     resume_from_checkpoint: str = Field(
         "auto",
-        description="auto: resume from the latest checkpoint-* in output_dir if any. never: start fresh. "
-        "Or a checkpoint folder.",
+        description="auto: resume from the newest usable checkpoint-* in output_dir, or report a finished run "
+        "and stop. never: start over (the folder's earlier checkpoints and metrics.json are removed). Or a "
+        "checkpoint folder.",
     )
     report_to: list[str] = Field(
         default_factory=lambda: ["tensorboard"], description="Trackers (transformers report_to); [] = none."
@@ -403,6 +420,37 @@ class TrainConfig(_Section):
         description="GPU memory budget in GiB for the preflight memory plan (python -m nvila_ft.plan): a run "
         "predicted to need more stops before loading weights (--force trains anyway). null = the device's "
         "memory; on a machine without CUDA the check is skipped.",
+    )
+    load_best_model_at_end: bool = Field(
+        False,
+        description="At the end, load the checkpoint with the best train.metric_for_best_model (evaluated every "
+        "eval.eval_steps; train.save_steps must be a multiple of it) and save that one in output_dir. The "
+        "save limit never deletes the best checkpoint. Small data that overfits (VQA-RAD, 3 epochs): true.",
+    )
+    metric_for_best_model: str = Field(
+        "loss",
+        description="What 'best' means: loss (eval loss, lower is better) or a number of eval.metric "
+        "(e.g. overall_accuracy for vqa_rad, anls; higher is better).",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop when train.metric_for_best_model has not improved for N evaluations in a row "
+        "(transformers EarlyStoppingCallback; needs load_best_model_at_end). null = train to the end.",
+    )
+    push_to_hub: bool = Field(
+        False,
+        description="At the end, upload the run folder (adapter, model card, loss curve, metrics; no "
+        "checkpoints) to the Hugging Face Hub repo train.hub_model_id. Needs a token (huggingface-cli login).",
+    )
+    hub_model_id: str | None = Field(
+        None, description="The Hub repo to push to, owner/name; null = the output_dir's folder name."
+    )
+    group_by_length: bool | None = Field(
+        None,
+        description="Batch samples of similar length (transformers' group_by_length sampler, lengths from the "
+        "preflight's token counts): less padding, same samples per epoch. null: on when "
+        "per_device_train_batch_size > 1.",
     )
 
     @field_validator("mixed_precision", mode="before")
@@ -428,6 +476,26 @@ class TrainConfig(_Section):
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"train.lr_scheduler_type {value!r} is not a transformers SchedulerType; {hint}"
                              f"choose one of {names}.")
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
+        import importlib.util
+
+        for name in value:
+            if name in ("all", "none"):
+                continue
+            if name not in TRACKER_PACKAGES:
+                raise ValueError(
+                    f"train.report_to: unknown tracker {name!r}; choose from {sorted(TRACKER_PACKAGES)} or [] for none."
+                )
+            package = TRACKER_PACKAGES[name]
+            if importlib.util.find_spec(package) is None:
+                raise ValueError(
+                    f"train.report_to: {name} needs the {package} package, which is not installed: "
+                    f"pip install {package.replace('_', '-')}, or remove {name} from train.report_to."
+                )
         return value
 
     @field_validator("max_steps")
@@ -469,6 +537,10 @@ class TrainConfig(_Section):
             gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return "bf16" if gpu_bf16 else "no"
 
+    def resolved_group_by_length(self) -> bool:
+        """`group_by_length` with null resolved: on when a batch holds more than one sample (padding to share)."""
+        return self.per_device_train_batch_size > 1 if self.group_by_length is None else self.group_by_length
+
     @property
     def lr_per_part(self) -> dict[str, float]:
         """Learning rate per part: llm = lr, vision_tower = lr / vision_lr_ratio, mm_projector."""
@@ -483,17 +555,25 @@ class EvalConfig(_Section):
     """Generation-based evaluation on data.eval_split (exact match / accuracy of the answers)."""
 
     enabled: bool = Field(
-        True, description="Evaluate (eval loss and generated answers). Needs data.eval_split."
+        True,
+        description="Evaluate on data.eval_split: eval loss (teacher-forced, the training loss on the eval rows, "
+        "batched by train.per_device_eval_batch_size) and generated answers scored by eval.metric. Needs "
+        "data.eval_split.",
     )
     eval_steps: int | None = Field(
-        None, ge=1, description="Evaluate every N steps too; null = only at the end."
+        None,
+        ge=1,
+        description="Evaluate every N optimizer steps too (both the loss and the answers); null = only at the end.",
     )
     max_new_tokens: int = Field(
         32, gt=0, description="Most tokens generated per answer. Short answers: keep it small."
     )
     batch_size: int = Field(8, ge=1, description="Samples per generation batch. Higher: faster, more memory.")
     max_samples: int | None = Field(
-        None, ge=1, description="Score only the first N eval samples by generation; null = all of them."
+        None,
+        ge=1,
+        description="Score only the first N eval samples by generation (the eval loss uses all, up to "
+        "data.max_eval_samples); null = all of them.",
     )
     metric: str = Field(
         "vqa_rad",
@@ -533,5 +613,36 @@ class Recipe(_Section):
             raise ValueError(
                 "eval.enabled is true but data.eval_split is null: name an eval split, "
                 "or set eval.enabled=false."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_best_model(self) -> Recipe:
+        t, e = self.train, self.eval
+        if t.early_stopping_patience is not None and not t.load_best_model_at_end:
+            raise ValueError(
+                "train.early_stopping_patience needs train.load_best_model_at_end=true (else the run keeps the "
+                "last, worse model). Set it, or early_stopping_patience=null."
+            )
+        if not t.load_best_model_at_end:
+            return self
+        if not e.enabled or e.eval_steps is None:
+            raise ValueError(
+                "train.load_best_model_at_end needs periodic evaluation: set eval.enabled=true and eval.eval_steps "
+                f"(e.g. eval.eval_steps={t.save_steps}, a divisor of train.save_steps)."
+            )
+        if t.save_steps % e.eval_steps:
+            raise ValueError(
+                f"train.save_steps={t.save_steps} must be a multiple of eval.eval_steps={e.eval_steps} with "
+                "train.load_best_model_at_end (a checkpoint is kept per evaluation). "
+                f"E.g. train.save_steps={e.eval_steps * max(1, t.save_steps // e.eval_steps)}."
+            )
+        from nvila_ft.metrics import METRICS
+
+        keys = ["loss", *(k for k in METRICS[e.metric](["yes"], ["yes"], ["CLOSED"]) if k != "n")]
+        if t.metric_for_best_model.removeprefix("eval_") not in keys:
+            raise ValueError(
+                f"train.metric_for_best_model={t.metric_for_best_model!r} is not a number eval.metric={e.metric} "
+                f"reports; choose one of {keys}."
             )
         return self

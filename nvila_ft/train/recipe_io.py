@@ -12,12 +12,18 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import platform
+import subprocess
+import sys
+import time
 import types
 import typing
 from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
@@ -222,3 +228,25 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     `load_recipe` on this text gives back an equal `Recipe`.
     """
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def run_info(recipe: Recipe) -> dict:
+    """What ran: package versions, git commit of this kit, platform."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    pkgs = ["nvila-ft", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes"]
+    versions = {}
+    for p in pkgs:
+        try:
+            versions[p] = version(p)
+        except Exception:  # noqa: BLE001 - optional packages
+            versions[p] = None
+    local = Path(recipe.model.path)
+    return {"base_model": recipe.model.path, "base_model_path": str(local.resolve()) if local.is_dir() else None,
+            "git_commit": commit, "versions": versions,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

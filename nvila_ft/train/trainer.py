@@ -1,11 +1,13 @@
 """Fine-tune NVILA with a recipe: LoRA on the LLM, LayerNorm-only vision tower, full projector (paper default).
 
-    accelerate launch -m nvila_ft.train recipes/medical.yaml [key=value ...]
+    accelerate launch --config_file recipes/accelerate/single_process.yaml \
+        -m nvila_ft.train recipes/medical.yaml [key=value ...]
     python -m nvila_ft.train recipes/quickstart.yaml train.max_steps=10
 
 Steps: recipe -> checkpoint (hub id, folder or demo:<name>) -> data + preflight -> per-part tuning ->
-`transformers.Trainer` (resumable checkpoints, TensorBoard) -> peft adapter (LoRA + trained copies) ->
-VQA evaluation -> `metrics.json`.
+`transformers.Trainer` (resumable checkpoints, TensorBoard, eval loss + generated answers every
+`eval.eval_steps`, best checkpoint, early stopping) -> peft adapter (LoRA + trained copies) -> final evaluation ->
+`metrics.json`, `loss_curve.png`, model card (README.md) -> optional push to the Hub.
 """
 
 from __future__ import annotations
@@ -13,277 +15,157 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
-import resource
-import subprocess
-import sys
+import shutil
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, TrainerState, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
-from nvila_ft.data import VideoCheck, load_split, preflight
-from nvila_ft.data.grouping import (
-    GroupCollator,
-    media_key,
-    plan_micro_batches,
-    repeats_media,
-    sharing_summary,
-)
+from nvila_ft.data import load_split
+from nvila_ft.data.grouping import GroupCollator, plan_micro_batches, repeats_media
 from nvila_ft.evaluate import evaluate_samples
+from nvila_ft.metrics import PRIMARY
 from nvila_ft.model.checkpoint import DTYPES, nf4_config
 from nvila_ft.model.configuration import IGNORE_INDEX
-from nvila_ft.model.media import MediaConfig, expanded_length
+from nvila_ft.model.media import MediaConfig
 from nvila_ft.model.modeling import NvilaForConditionalGeneration
 from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.plan.report import check_budget
+from nvila_ft.train.checkpoints import (
+    ADAPTER,
+    LogAtSave,
+    ResumePlan,
+    append_bad_row,
+    finished_message,
+    latest_checkpoint,  # noqa: F401 - re-exported: nvila_ft.train.trainer.latest_checkpoint
+    plan_resume,
+    publish_checkpoint,
+    read_bad_rows,
+    remove_stale,
+    staging_dir,
+    whole_run_loss,
+)
+from nvila_ft.train.curves import task_metric
+from nvila_ft.train.dataset import (  # noqa: F401 - SupervisedDataset, check_samples re-exported
+    EpochLengthGroupedSampler,
+    GroupedDataset,
+    SupervisedDataset,
+    check_samples,
+    prepare_data,
+)
 from nvila_ft.train.recipe import Recipe
-from nvila_ft.train.recipe_io import recipe_to_yaml
+from nvila_ft.train.recipe_io import recipe_to_yaml, run_info
 from nvila_ft.train.tuning import (
     apply_tuning,
     base_model,
     param_groups,
     release_full_originals,
     trainable_table,
+    undo_kbit_upcast,
 )
+from nvila_ft.train.watch import DenseLog, LossCurve, WatchedTrainer, summary_line
 
 logger = logging.getLogger("nvila_ft.train")
 
-# ---------------------------------------------------------------------------------------------- data
-class SupervisedDataset(Dataset):
-    """Encodes samples lazily; a row that fails at training time is logged and replaced by the next one.
-
-    Preflight already refused bad rows; this guards against files that change during a long run
-    (a bad row must never kill a run after an hour of training).
-    """
-
-    def __init__(self, samples: list[dict], processor: NvilaProcessor, max_failures: int = 100):
-        self.samples, self.processor, self.max_failures, self.failures = samples, processor, max_failures, 0
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        for offset in range(len(self.samples)):
-            sample = self.samples[(index + offset) % len(self.samples)]
-            try:
-                encoded = self.processor(sample["conversations"], sample.get("images", []),
-                                         sample_id=sample.get("id"), videos=sample.get("videos", []))
-                return encoded | {"media_key": media_key(sample)}
-            except Exception as err:  # noqa: BLE001 - any failure of one row is reported, not fatal
-                self.failures += 1
-                logger.error("skipping %s[%s] id=%s at train time: %s", sample.get("source"), sample.get("index"),
-                             sample.get("id"), err)
-                if self.failures > self.max_failures:
-                    raise RuntimeError(f"more than {self.max_failures} rows failed at train time") from err
-        raise RuntimeError("no sample of the dataset can be encoded")
-
-
-class GroupedDataset(Dataset):
-    """One item per optimizer step: the encoded rows of `batches[i]` (`nvila_ft.data.grouping.plan_micro_batches`
-    with `per_device_train_batch_size x gradient_accumulation_steps` rows), for
-    :class:`~nvila_ft.data.grouping.GroupCollator`. A row that fails is replaced by the next one (as in
-    :class:`SupervisedDataset`), so every step keeps its answers."""
-
-    def __init__(self, samples: list[dict], processor: NvilaProcessor, batches: list[list[int]]):
-        self.rows, self.batches = SupervisedDataset(samples, processor), batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> list[dict]:
-        """The encoded rows; rows with the same media reuse one image layout (tiles are cut once)."""
-        layouts, out = {}, []
-        for i in self.batches[index]:
-            sample, key = self.rows.samples[i], media_key(self.rows.samples[i])
-            try:
-                if key not in layouts:
-                    layouts[key] = self.rows.processor.layout_media(sample.get("images", []), sample.get("videos", []))
-                encoded = self.rows.processor(sample["conversations"], sample.get("images", []),
-                                              sample_id=sample.get("id"), videos=sample.get("videos", []),
-                                              media_layout=layouts[key])
-                out.append(encoded | {"media_key": key})
-            except Exception:  # noqa: BLE001 - SupervisedDataset logs the row and takes the next one
-                out.append(self.rows[i])
-        return out
-
-
-def prepare_data(recipe: Recipe, processor: NvilaProcessor, split: str, max_samples: int | None) -> list[dict]:
-    """Loads one split and runs the preflight (all rows checked, bad rows reported with file and index)."""
-    return check_samples(recipe, processor, load_split(recipe.data, split, max_samples), split)
-
-
-def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict], split: str) -> list[dict]:
-    """Preflight of loaded samples per the recipe (`data.preflight`, `data.on_bad_row`); returns the good ones."""
-    d = recipe.data
-    if not d.preflight:
-        return samples
-
-    lengths: dict[int, tuple[int, int]] = {}  # id(sample) -> (expanded tokens, visual tokens)
-
-    def length_fn(sample: dict) -> int:
-        sizes = [_image_size(im) for im in sample.get("images", [])]
-        frames = sample.get("video_frames", ())
-        n = processor.num_tokens(sample["conversations"], sizes, frames)
-        lengths[id(sample)] = n, expanded_length(processor.media, len(processor.end_token_ids), 0, sizes, frames)
-        return n
-
-    video_check = VideoCheck.for_media(processor.media, short_videos=d.short_videos, sample=d.preflight_video_sample,
-                                       seed=recipe.train.seed, cache_dir=d.video_cache_dir,
-                                       tokens_fn=processor.count_video_tokens)
-    report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=length_fn, max_length=processor.max_length,
-                       video_check=video_check)
-    lines = report.summary().splitlines()
-    logger.info("%s split: %s", split, lines[0])
-    video_lines = [line for line in lines if line.startswith("video rows:")]
-    if video_lines:
-        pool = [list(p) for p in processor.pool_sizes] or "none"
-        logger.info("%s split: %s; %d frames per video, %d tokens per frame, temporal pool %s -> %d visual tokens "
-                    "per video", split, video_lines[0], processor.num_video_frames, processor.tokens_per_tile, pool,
-                    processor.count_video_tokens())
-    if split == "train" and d.share_prefix and repeats_media(report.ok):
-        info = sharing_summary(report.ok, *zip(*(lengths[id(s)] for s in report.ok)))
-        (v0, v1), (p0, p1) = info["vision_encodes"], info["llm_positions"]
-        logger.info("%s split: shared prefixes (data.share_prefix): %d rows -> %d groups; media through the vision "
-                    "tower %d -> %d (%.1fx fewer); LLM positions %d -> at most %d (%.1fx fewer)", split,
-                    info["rows"], info["groups"], v0, v1, v0 / max(v1, 1), p0, p1, p0 / max(p1, 1))
-    return report.ok
-
-
-def _image_size(image) -> tuple[int, int]:
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.size
-    with Image.open(image) as im:
-        return im.size
-
-
 # ---------------------------------------------------------------------------------------------- trainer
-class NvilaTrainer(Trainer):
-    """`transformers.Trainer`; the model is a `PeftModel` whose adapter holds the LoRA weights and the copies of
-    the parts trained in full (peft `modules_to_save`, see :func:`nvila_ft.train.tuning.apply_tuning`), so
-    Trainer's own PEFT save and resume cover everything the recipe trains.
+class NvilaTrainer(WatchedTrainer):
+    """`transformers.Trainer` (eval answers and the best-checkpoint choice from `WatchedTrainer`) with short overrides.
 
-    One override, for shared prefixes and packing: an input `{"micro_batches": [...]}` (one optimizer step of
-    `per_device_train_batch_size x gradient_accumulation_steps` answers, :class:`GroupedDataset` +
-    `GroupCollator`) runs forward and backward per micro-batch, the loss of each divided by the labelled
-    tokens of the whole step, as transformers' gradient accumulation does. The step needs as many micro-batches
-    as its groups fill (at most gradient_accumulation_steps), which the Trainer's fixed count cannot express.
+    The model is a `PeftModel` whose adapter holds the LoRA weights and the copies of the parts trained in full
+    (peft `modules_to_save`, see :func:`nvila_ft.train.tuning.apply_tuning`), so Trainer's own PEFT save and
+    resume cover everything the recipe trains. Overridden: checkpoints are staged and renamed into place
+    (`_save_checkpoint`, `_get_output_dir`), and rows that failed to encode are counted (`training_step`) or
+    left out of an evaluation batch (`prediction_step`).
+
+    Shared prefixes and packing (`data.share_prefix`, `data.packing`): an input `{"micro_batches": [...]}` (one
+    optimizer step of `per_device_train_batch_size x gradient_accumulation_steps` answers, from
+    :class:`~nvila_ft.train.dataset.GroupedDataset`) runs forward and backward per micro-batch, each loss divided
+    by the labelled tokens of the whole step, as transformers' gradient accumulation does; a step needs as many
+    micro-batches as its groups fill, which the Trainer's fixed accumulation count cannot express.
     """
+
+    _staging: str | None = None
+    _bad_rows_seen: set | None = None
+    train_config = None  # the recipe's `train` section (learning rates per part), set by TrainingRun
+
+    def create_optimizer(self, model=None):
+        # The per-part AdamW groups (nvila_ft.train.tuning.param_groups) are built from the model the Trainer
+        # hands over here, not passed in ready-made: under FSDP the Trainer refuses an optimizer made before it
+        # wrapped the model (its parameters would be the pre-wrap ones).
+        if self.optimizer is None and self.train_config is not None:
+            t = self.train_config
+            groups = param_groups(model if model is not None else self.model, t)
+            self.optimizer = torch.optim.AdamW(
+                [{k: v for k, v in g.items() if k not in ("names", "name")} for g in groups], lr=t.lr,
+                weight_decay=t.weight_decay)
+        return super().create_optimizer(model)
+
+    def _save_checkpoint(self, model, trial):
+        # Trainer writes checkpoint-<step> in place, file by file: a job killed mid-save leaves a folder that
+        # looks like a checkpoint. Its own save (adapter, optimizer, scheduler, RNG, trainer_state, rotation) runs
+        # unchanged into a staging folder, renamed into place once complete. The hook is `_get_output_dir`, the
+        # one place the save asks for its folder; copying `_save_checkpoint` (~60 lines) would fork transformers.
+        step, main = self.state.global_step, self.args.should_save
+        self._staging = self._staging_used = staging_dir(self.args.output_dir, step, main_process=main)
+        self.accelerator.wait_for_everyone()  # staging cleared before any process writes its RNG state
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every process wrote its files
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == Path(self._staging_used):  # the Trainer noted the staged path: the final one
+            self.state.best_model_checkpoint = str(Path(self.args.output_dir) / Path(best).name)
+            staged_state = Path(self._staging_used) / f"checkpoint-{step}" / "trainer_state.json"
+            if main and staged_state.is_file():  # the checkpoint's own record, for a resume
+                self.state.save_to_json(str(staged_state))
+        if main:
+            publish_checkpoint(self.args.output_dir, step, self.args.save_total_limit, self.state.best_model_checkpoint)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        parts = inputs.get("micro_batches") if isinstance(inputs, dict) else None
-        if parts is None:
-            return super().training_step(model, inputs, num_items_in_batch)
-        total = sum(int((p["labels"][:, 1:] != IGNORE_INDEX).sum()) for p in parts)
-        total = torch.tensor(max(total, 1), device=self.args.device)
-        return sum(super(NvilaTrainer, self).training_step(model, p, total) for p in parts)
+        # Rows SupervisedDataset could not encode were left out of the batch; they are recorded here, in the
+        # training process (the DataLoader workers' state is lost). A batch left with no row trains nothing:
+        # zero loss, no forward, so no gradient from it.
+        for row in inputs.pop("bad_rows", None) or []:
+            if self._bad_rows_seen is None:
+                self._bad_rows_seen = set()
+            if (row["source"], row["index"]) not in self._bad_rows_seen:
+                self._bad_rows_seen.add((row["source"], row["index"]))
+                append_bad_row(self.args.output_dir, row)  # each process appends its own rows, a line each
+        parts = inputs.get("micro_batches")
+        if parts is not None:
+            total = sum(int((p["labels"][:, 1:] != IGNORE_INDEX).sum()) for p in parts)
+            total = torch.tensor(max(total, 1), device=self.args.device)
+            return sum(super(NvilaTrainer, self).training_step(model, p, total) for p in parts)
+        if inputs["input_ids"].shape[0] == 0:
+            return torch.zeros((), device=self.args.device)
+        return super().training_step(model, inputs, num_items_in_batch)
 
+    def _get_train_sampler(self, train_dataset=None):
+        # Trainer's `group_by_length` sampler given the lengths the dataset knows (`SupervisedDataset.lengths`):
+        # left alone, Trainer would encode every sample (images tiled) to measure `input_ids`, which also miss
+        # the media tokens.
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "lengths"):
+            return super()._get_train_sampler(train_dataset)
+        return EpochLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                         dataset.lengths, self.args.seed)
 
-class DenseLog(ProgressCallback):
-    """Progress bar plus one dense line per logging step: `step | loss | lr | samples/s | mem`.
-
-    `rows_per_item`: training rows per data-loader item (a grouped micro-batch holds several).
-    """
-
-    def __init__(self, rows_per_item: int = 1):
-        super().__init__()
-        self.rows_per_item = rows_per_item
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        if torch.cuda.is_available():
-            mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GB cuda"
-        else:
-            mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB rss"
-        elapsed = time.time() - getattr(self, "_t0", time.time())
-        self._t0 = time.time()
-        done = state.global_step - getattr(self, "_last_step", 0)
-        self._last_step = state.global_step
-        rows = args.per_device_train_batch_size * self.rows_per_item
-        rate = done * rows * args.gradient_accumulation_steps / max(elapsed, 1e-9)
-        line = (f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
-                f"lr {logs.get('learning_rate', 0):.2e} | {rate:.2f} samples/s | mem {mem}")
-        if self.training_bar is not None:
-            self.training_bar.write(line)
-        else:
-            print(line, flush=True)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        self._t0, self._last_step = time.time(), state.global_step
-
-
-class PeriodicEval(TrainerCallback):
-    """Generation-based VQA evaluation every `eval.eval_steps` optimizer steps."""
-
-    def __init__(self, run):
-        self.run = run
-
-    def on_step_end(self, args, state, control, **kwargs):
-        every = self.run.recipe.eval.eval_steps
-        if every and state.global_step % every == 0 and state.global_step < state.max_steps:
-            metrics = self.run.evaluate(tag=f"step{state.global_step}")
-            self.run.trainer.log({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # An eval row that failed to encode is left out of its batch (see SupervisedDataset.collate).
+        inputs.pop("bad_rows", None)
+        if inputs["input_ids"].shape[0] == 0:
+            return None, None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
 
 # ---------------------------------------------------------------------------------------------- run
-def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """Newest `checkpoint-<step>` folder that was completely written (has `trainer_state.json`, saved last)."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
-    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
-
-
-def undo_kbit_upcast(llm: nn.Module, dtype: torch.dtype) -> None:
-    """Casts the frozen LLM weights that `prepare_model_for_kbit_training` upcast to fp32 back to `dtype`.
-
-    peft upcasts every parameter that is not 4-bit to fp32 (and freezes it). All of them are frozen
-    here; the largest are the vocabulary matrices (NVILA-8B: embed_tokens + lm_head = 2 x 151,651 x
-    3,584 = 1.09B params, 4.05 GiB in fp32 vs 2.03 GiB in bf16), the rest are norms and biases. All go
-    back, not only the vocabulary matrices: an fp32 final norm feeding a bf16 `lm_head` would fail
-    without autocast. The model is then in `dtype` as loaded, like a LoRA run; the trainables are made
-    later (fp32 under mixed precision, see :meth:`TrainingRun.load_model`). No-op for fp32 recipes.
-    """
-    if dtype not in (torch.bfloat16, torch.float16):
-        return
-    for param in llm.parameters():
-        if param.dtype == torch.float32 and not param.requires_grad:
-            param.data = param.data.to(dtype)
-
-
-def run_info(recipe: Recipe) -> dict:
-    """What ran: package versions, git commit of this kit, platform."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    pkgs = ["nvila-ft", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes"]
-    versions = {}
-    for p in pkgs:
-        try:
-            versions[p] = version(p)
-        except Exception:  # noqa: BLE001 - optional packages
-            versions[p] = None
-    local = Path(recipe.model.path)
-    return {"base_model": recipe.model.path, "base_model_path": str(local.resolve()) if local.is_dir() else None,
-            "git_commit": commit, "versions": versions,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
 class TrainingRun:
     """One fine-tuning run wired from a recipe (used by :func:`main` and the Python API).
 
@@ -302,6 +184,7 @@ class TrainingRun:
         self.force = force  # train even if the memory plan predicts more than train.gpu_memory_gb
         self.output_dir = Path(recipe.train.output_dir)
         self.trainer: NvilaTrainer | None = None
+        self.model = self.processor = None  # set by load_model; stay None when run() finds the run finished
         self.given_samples = (train_samples, eval_samples)
         self.metric = metric if metric is not None else recipe.eval.metric
 
@@ -328,19 +211,20 @@ class TrainingRun:
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
         model = NvilaForConditionalGeneration.from_pretrained(
             m.path, dtype=dtype, attn_implementation=m.attn_implementation, llm_quantization_config=quant,
-            device_map=device_map)
+            device_map=device_map, init=m.init)
         if torch.cuda.is_available():
             model.vision_tower.to(model.llm.device)
             model.mm_projector.to(model.llm.device)
         if quant is not None:
             from peft import prepare_model_for_kbit_training
 
-            prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=train.gradient_checkpointing.llm,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+            # Checkpointing is enabled below for every part (peft's would call the deprecated
+            # gradient_checkpointing_enable; with use_reentrant=False it adds nothing else).
+            prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
             undo_kbit_upcast(model.llm, dtype)
         gc_parts = [p for p in ("llm", "vision_tower") if getattr(train.gradient_checkpointing, p)]
         if gc_parts:
-            model.gradient_checkpointing_enable(parts=gc_parts)
+            model.activation_checkpointing_enable(parts=gc_parts)
         # The run's one media config (checkpoint config + recipe): the processor saves it in processor_config.json;
         # written into the model config too, so that the model's default video pooling follows the run.
         media = MediaConfig.from_recipe(model.config, self.recipe)
@@ -364,7 +248,7 @@ class TrainingRun:
     def load_data(self) -> None:
         d = self.recipe.data
         given_train, given_eval = self.given_samples
-        limit = self.recipe.eval.max_samples or d.max_eval_samples
+        limit = self.recipe.eval.max_samples
         if given_train is not None:
             train = given_train[: d.max_train_samples]
         else:
@@ -377,25 +261,23 @@ class TrainingRun:
         self.train_samples = check_samples(self.recipe, self.processor, train, "train")
         if not self.train_samples:
             raise RuntimeError(f"{d.path}: no usable training rows in split {d.train_split!r}")
-        self.eval_samples = []
+        # eval_loss_samples: the eval loss (up to data.max_eval_samples); eval_samples: the first
+        # eval.max_samples of them, also answered by generation.
+        self.eval_loss_samples = []
         if given_eval is not None:
-            self.eval_samples = check_samples(self.recipe, self.processor, given_eval[:limit], "eval")
+            self.eval_loss_samples = check_samples(self.recipe, self.processor, given_eval[: d.max_eval_samples],
+                                                   "eval")
         elif self.recipe.eval.enabled and d.eval_split and given_train is None:
-            self.eval_samples = prepare_data(self.recipe, self.processor, d.eval_split, limit)
+            self.eval_loss_samples = prepare_data(self.recipe, self.processor, d.eval_split, d.max_eval_samples)
+        self.eval_samples = self.eval_loss_samples[:limit]
 
-    def build_trainer(self) -> NvilaTrainer:
-        r, t = self.recipe, self.recipe.train
+    def training_arguments(self) -> TrainingArguments:
+        """The recipe as `TrainingArguments` (no network: the Hub repo is created when the Trainer is built)."""
+        r, t, e = self.recipe, self.recipe.train, self.recipe.eval
         mp = r.train.resolved_mixed_precision()
-        share_prefix, packing = self.grouping()
-        grouped = share_prefix or packing
-        answers = t.per_device_train_batch_size * t.gradient_accumulation_steps
-        if grouped:  # one item = one optimizer step's rows, grouped / packed / split into micro-batches in collate
-            steps = plan_micro_batches(self.train_samples, answers, t.seed, share_prefix)
-            dataset = GroupedDataset(self.train_samples, self.processor, steps)
-            collator = GroupCollator(self.processor, share_prefix, packing, t.per_device_train_batch_size)
-        else:
-            dataset, collator = SupervisedDataset(self.train_samples, self.processor), self.processor.collate
-        args = TrainingArguments(
+        periodic = bool(self.eval_loss_samples) and e.eval_steps is not None
+        grouped = any(self.grouping())  # one data-loader item = one optimizer step (GroupedDataset)
+        return TrainingArguments(
             output_dir=str(self.output_dir),
             per_device_train_batch_size=1 if grouped else t.per_device_train_batch_size,
             per_device_eval_batch_size=t.per_device_eval_batch_size,
@@ -408,50 +290,88 @@ class TrainingRun:
             bf16=mp == "bf16", fp16=mp == "fp16", report_to=t.report_to, remove_unused_columns=False,
             label_names=["labels"], dataloader_num_workers=t.dataloader_num_workers,
             use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
+            train_sampling_strategy="group_by_length" if t.resolved_group_by_length() and not grouped else "random",
+            eval_strategy="steps" if periodic else "no", eval_steps=e.eval_steps if periodic else None,
+            load_best_model_at_end=t.load_best_model_at_end and periodic,
+            metric_for_best_model=f"eval_{t.metric_for_best_model.removeprefix('eval_')}"
+            if t.load_best_model_at_end else None,
+            push_to_hub=t.push_to_hub, hub_model_id=t.hub_model_id, hub_strategy="end",
         )
-        groups = param_groups(self.model, t)
-        print(trainable_table(base_model(self.model), groups), flush=True)
-        optimizer = torch.optim.AdamW(
-            [{k: v for k, v in g.items() if k not in ("names", "name")} for g in groups], lr=t.lr,
-            weight_decay=t.weight_decay)
+
+    def build_trainer(self) -> NvilaTrainer:
+        t = self.recipe.train
+        args = self.training_arguments()
+        print(trainable_table(base_model(self.model), param_groups(self.model, t)), flush=True)
+        # With load_best_model_at_end the Trainer reloads the best adapter, trained copies included (peft).
+        callbacks = [LossCurve(self.output_dir, self.metric_name), LogAtSave()]
+        if t.early_stopping_patience is not None:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+        share_prefix, packing = self.grouping()
+        answers = t.per_device_train_batch_size * t.gradient_accumulation_steps
+        if share_prefix or packing:  # one item = one optimizer step's rows, grouped / packed into micro-batches
+            steps = plan_micro_batches(self.train_samples, answers, t.seed, share_prefix)
+            collator = GroupCollator(self.processor, share_prefix, packing, t.per_device_train_batch_size)
+            dataset = GroupedDataset(self.train_samples, self.processor, steps, collator)
+        else:
+            dataset = SupervisedDataset(self.train_samples, self.processor)
         self.trainer = NvilaTrainer(
             model=self.model, args=args, train_dataset=dataset,
-            data_collator=collator, processing_class=self.processor.tokenizer,
-            optimizers=(optimizer, None), callbacks=[PeriodicEval(self)],
+            eval_dataset=SupervisedDataset(self.eval_loss_samples, self.processor) if self.eval_loss_samples else None,
+            data_collator=dataset.collate, processing_class=self.processor.tokenizer,
+            callbacks=callbacks,
         )
+        self.trainer.train_config = t  # the optimizer (per-part groups) is made in NvilaTrainer.create_optimizer
+        self.trainer.answer_metrics = self.answer_metrics if self.eval_samples else None
+        self.trainer.write_card = self.write_model_card
         self.trainer.remove_callback(ProgressCallback)
-        self.trainer.add_callback(DenseLog(rows_per_item=answers if grouped else 1))
+        self.trainer.add_callback(DenseLog(rows_per_item=answers if share_prefix or packing else 1))
         for callback in self.trainer.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
                 callback.logging_dir = str(self.output_dir / "logs")  # per run; TENSORBOARD_LOGGING_DIR wins
         return self.trainer
 
     def grouping(self) -> tuple[bool, bool]:
-        """(share_prefix, packing) as this run trains: `data.share_prefix: auto` is on when train rows repeat
-        their media and an optimizer step has more than one answer; both need a custom 4D mask, which flash-attention cannot take (off, with a notice)."""
+        """(share_prefix, packing) as this run trains them. `data.share_prefix: auto` is on when train rows repeat
+        their media and an optimizer step has more than one answer; both need a custom 4D attention mask, which
+        flash-attention cannot take (then off, with a notice)."""
         d, t = self.recipe.data, self.recipe.train
-        one_answer_steps = t.per_device_train_batch_size * t.gradient_accumulation_steps == 1  # nothing to share
-        auto = not one_answer_steps and repeats_media(self.train_samples)
-        share = auto if d.share_prefix == "auto" else bool(d.share_prefix)
-        attn = getattr(base_model(self.model).llm.config, "_attn_implementation", "sdpa")
-        if (share or d.packing) and attn not in ("sdpa", "eager"):
-            logger.warning("data.share_prefix / data.packing need sdpa or eager attention (%s cannot take their "
-                           "attention mask): training one row per sequence", attn)
-            return False, False
-        return share, d.packing
+        if getattr(self, "_grouping", None) is None:
+            several = t.per_device_train_batch_size * t.gradient_accumulation_steps > 1  # else nothing to share
+            auto = several and repeats_media(self.train_samples)
+            share = auto if d.share_prefix == "auto" else bool(d.share_prefix)
+            attn = getattr(base_model(self.model).llm.config, "_attn_implementation", "sdpa")
+            if (share or d.packing) and attn not in ("sdpa", "eager"):
+                logger.warning("data.share_prefix / data.packing need sdpa or eager attention (%s cannot take their "
+                               "attention mask): training one row per sequence", attn)
+                share, packing = False, False
+            else:
+                packing = d.packing
+            self._grouping = (share, packing)
+        return self._grouping
 
     # -- run
-    def resume_path(self) -> str | None:
-        value = self.recipe.train.resume_from_checkpoint
-        if value == "never":
-            return None
-        if value == "auto":
-            return latest_checkpoint(self.output_dir)
-        if not Path(value).is_dir():
-            raise FileNotFoundError(f"train.resume_from_checkpoint: {value} is not a checkpoint folder")
-        return value
+    def resume_plan(self) -> ResumePlan:
+        """What to do with `train.output_dir`: finished, resume from a checkpoint, or start (see
+        :func:`nvila_ft.train.checkpoints.plan_resume`; raises its `RunStateError`, a user error)."""
+        plan = plan_resume(self.recipe.train)
+        if plan.checkpoint and plan.finished is None:
+            logger.info("resuming from %s", plan.checkpoint)
+        return plan
+
+    @property
+    def metric_name(self) -> str | None:
+        """The task metric's headline number (e.g. overall_accuracy), plotted and printed; None if unknown."""
+        if isinstance(self.metric, str):
+            return PRIMARY.get(self.metric)
+        return None
+
+    def answer_metrics(self) -> dict:
+        """Generated-answer metrics at a Trainer evaluation (predictions_step<N>.jsonl, or _final after training)."""
+        in_train = getattr(self, "_in_train", False)
+        return self.evaluate(f"step{self.trainer.state.global_step}" if in_train else "final")
 
     def evaluate(self, tag: str = "final") -> dict:
+        """Generated answers to the eval samples, scored; writes `predictions_<tag>.jsonl`."""
         e = self.recipe.eval
         if not self.eval_samples:
             return {}
@@ -464,35 +384,98 @@ class TrainingRun:
         return metrics
 
     def run(self) -> dict:
-        """Bootstrap, load, train (resuming if a checkpoint exists), save, evaluate. Returns metrics."""
+        """Bootstrap, load, train (resuming if a checkpoint exists), save, evaluate. Returns metrics.
+
+        A finished run in `train.output_dir` is reported and left as it is (returns its metrics.json); a
+        `train.max_steps` below the steps trained there is a `RunStateError` (see :meth:`resume_plan`).
+        """
+        plan = self.resume_plan()  # before anything is built, loaded or written
+        if plan.finished is not None:
+            print(finished_message(self.recipe.train.output_dir, plan.finished), flush=True)
+            return plan.finished
         self.bootstrap()
         check_budget(self.recipe, force=self.force)  # before any weight is loaded (nvila_ft.plan)
         self.load_model()
         self.load_data()
         self.build_trainer()
+        if self.trainer.args.should_save:
+            remove_stale(plan.stale)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
         self.processor.save_pretrained(self.output_dir)
         (self.output_dir / "run_info.json").write_text(json.dumps(run_info(self.recipe), indent=2))
-        resume = self.resume_path()
-        if resume:
-            logger.info("resuming from %s", resume)
-        result = self.trainer.train(resume_from_checkpoint=resume)
+        started = time.time()
+        self._in_train = True
+        try:
+            if plan.trained:
+                # Training reached its target in the checkpoint, the end of the run did not happen. Trainer.train
+                # would run one more step (it checks the target after a step): load adapter and state as its resume does.
+                logger.info("%s reached the target step; finishing the run without training", plan.checkpoint)
+                self.model.load_adapter(plan.checkpoint, adapter_name="default", is_trainable=True)
+                self.trainer.state = TrainerState.load_from_json(os.path.join(plan.checkpoint, "trainer_state.json"))
+                this_call = {}
+            else:
+                this_call = self.trainer.train(resume_from_checkpoint=plan.checkpoint).metrics
+        finally:
+            self._in_train = False
         self.trainer.save_model(str(self.output_dir))
-        metrics = {"train": {k: v for k, v in result.metrics.items()}, "train_samples": len(self.train_samples)}
+        state = self.trainer.state
+        # The whole run's figures (across resumes) from the trainer state; speeds and runtime of this call.
+        train = {**this_call, "train_loss": whole_run_loss(state.log_history), "global_step": state.global_step,
+                 "max_steps": state.max_steps, "num_train_epochs": state.num_train_epochs, "epoch": state.epoch}
+        metrics = {"train": train, "train_samples": len(self.train_samples),
+                   "bad_rows_in_training": len(read_bad_rows(self.output_dir))}
         if getattr(self, "prune_stats", None):
             metrics["prune"] = self.prune_stats
-        eval_metrics = self.evaluate("final")
+        eval_metrics = self.final_evaluation()
         if eval_metrics:
             metrics["eval"] = eval_metrics
-            self.trainer.log({f"eval_{k}": v for k, v in eval_metrics.items() if isinstance(v, float)})
+        if state.best_model_checkpoint:
+            metrics["best"] = {"checkpoint": Path(state.best_model_checkpoint).name,
+                               "metric": self.trainer.args.metric_for_best_model, "value": state.best_metric}
         if self.trainer.args.should_save:
+            self.trainer.save_state()  # trainer_state.json: the whole log history, for the curve and the app
             tmp = self.output_dir / "metrics.json.tmp"
             tmp.write_text(json.dumps(metrics, indent=2))
             os.replace(tmp, self.output_dir / "metrics.json")
             print(json.dumps(metrics, indent=2), flush=True)
+            LossCurve(self.output_dir, self.metric_name).draw(state)  # with the final evaluation
             self.write_model_card()
+            print(summary_line(state, metrics, time.time() - started, self.output_dir,
+                               self.metric_name or task_metric(state.log_history)), flush=True)
+        if self.recipe.train.push_to_hub:
+            url = self.trainer.push_to_hub(commit_message=f"nvila-ft: {self.output_dir.name}, step {state.global_step}")
+            logger.info("pushed %s to %s", self.output_dir, url)
+        if self.trainer.args.should_save:  # the last line: where the results are
+            out = Path(self.recipe.train.output_dir)  # as the user wrote it
+            print(f"adapter {out / ADAPTER}, metrics {out / 'metrics.json'}, model card {out / 'README.md'}",
+                  flush=True)
         return metrics
+
+    def final_evaluation(self) -> dict:
+        """The eval metrics of the model the run folder holds, `eval_` dropped (loss, answer metrics, step).
+
+        The Trainer already evaluated at the last step when `eval.eval_steps` is set, and at the best step
+        when it loaded the best checkpoint: those numbers (and predictions) are reused, not recomputed.
+        Otherwise the Trainer evaluates now (logged like a periodic evaluation, at the last step).
+        """
+        if not self.eval_loss_samples:
+            return {}
+        state, args = self.trainer.state, self.trainer.args
+        step = state.global_step
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[1])
+        done = [h for h in state.log_history if h.get("step") == step and "eval_loss" in h]
+        if done:
+            entry = done[-1]
+            predictions = self.output_dir / f"predictions_step{step}.jsonl"
+            if predictions.is_file() and args.should_save:
+                shutil.copyfile(predictions, self.output_dir / "predictions_final.jsonl")
+        else:
+            entry = self.trainer.evaluate()
+        skip = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+        result = {k[5:]: v for k, v in entry.items() if k.startswith("eval_") and k not in skip}
+        return {**result, "step": step}
 
     def write_model_card(self) -> Path:
         """`README.md` in the run folder (after PEFT's own adapter card, which it replaces)."""
@@ -502,4 +485,5 @@ class TrainingRun:
         metric = self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "custom")
         return write_model_card(self.output_dir, train_samples=len(self.train_samples),
                                 eval_samples=len(self.eval_samples), data_source=data, metric=metric,
-                                steps=self.trainer.state.global_step if self.trainer else None)
+                                steps=self.trainer.state.global_step if self.trainer else None,
+                                epochs=self.trainer.state.epoch if self.trainer else None)

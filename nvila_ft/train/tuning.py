@@ -23,6 +23,8 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from safetensors.torch import load_file
 from torch import nn
 
+from nvila_ft.model.configuration import vision_layers_run
+
 logger = logging.getLogger(__name__)
 
 NON_LORA_FILE = "non_lora_trainables.safetensors"
@@ -38,13 +40,12 @@ def used_vision_layers(model: nn.Module) -> int:
     """Number of SigLIP encoder layers whose output reaches the projector.
 
     Features are `hidden_states[mm_vision_select_layer]` (-2: output of the second-to-last layer), so
-    with L layers the first L + 1 + select_layer layers are used; the rest and `post_layernorm` get no
-    gradient (architecture note, "Vision tower").
+    with L layers the first L + 1 + select_layer layers are used; the rest and `post_layernorm` do not run
+    and get no gradient (`modeling.vision_layers_run`; architecture note, "Vision tower").
     """
     tower = model.vision_tower
     n = len(getattr(tower, "vision_model", tower).encoder.layers)
-    select = model.config.mm_vision_select_layer
-    return n + 1 + select if select < 0 else select
+    return vision_layers_run(n, model.config.mm_vision_select_layer)
 
 
 def _vision_layer_index(name: str) -> int | None:
@@ -307,3 +308,20 @@ def load_non_lora(model: nn.Module, folder: str | os.PathLike) -> list[str]:
 def _base_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Base weights by official name (the originals of `modules_to_save` copies, never the copies)."""
     return {official_name(n): p for n, p in base_model(model).named_parameters() if ".modules_to_save." not in n}
+
+
+def undo_kbit_upcast(llm: nn.Module, dtype: torch.dtype) -> None:
+    """Casts the frozen LLM weights that `prepare_model_for_kbit_training` upcast to fp32 back to `dtype`.
+
+    peft upcasts every parameter that is not 4-bit to fp32 (and freezes it). All of them are frozen
+    here; the largest are the vocabulary matrices (NVILA-8B: embed_tokens + lm_head = 2 x 151,651 x
+    3,584 = 1.09B params, 4.05 GiB in fp32 vs 2.03 GiB in bf16), the rest are norms and biases. All go
+    back, not only the vocabulary matrices: an fp32 final norm feeding a bf16 `lm_head` would fail
+    without autocast. The model is then in `dtype` as loaded, like a LoRA run; the trainables are made
+    later (fp32 under mixed precision, see :meth:`TrainingRun.load_model`). No-op for fp32 recipes.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return
+    for param in llm.parameters():
+        if param.dtype == torch.float32 and not param.requires_grad:
+            param.data = param.data.to(dtype)
