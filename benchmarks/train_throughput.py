@@ -15,14 +15,13 @@ encoder layers), LLM positions processed (a hook on the decoder), answer tokens 
 time (CPU time is the steadier figure on a shared machine), and the answer-token-weighted loss. Counted without running the model, for the whole split (an epoch): tiles and LLM
 positions of the baseline and of shared image prefixes (every row of an image in one sequence: the prefix once).
 
-Variants that need the shared-prefix / packing API (issue 18 items 1-2) are run by `shared_prefix_variants`
-when `nvila_ft.data.grouping` or `nvila_ft.train.grouping` exists; otherwise their rows print "pending".
+Shared prefix and packing batches come from the trainer's own collator (`nvila_ft.data.grouping.GroupCollator`);
+each variant's loss per answer token must equal the baseline's (fp32).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import tempfile
 import time
@@ -37,11 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nvila_ft.data import load_samples  # noqa: E402
+from nvila_ft.data.grouping import GroupCollator, media_key  # noqa: E402
 from nvila_ft.demo.tiny import build_tiny_checkpoint  # noqa: E402
 from nvila_ft.model.configuration import IGNORE_INDEX, NvilaConfig  # noqa: E402
 from nvila_ft.model.modeling import NvilaForConditionalGeneration  # noqa: E402
 from nvila_ft.model.processing import NvilaProcessor  # noqa: E402
-from nvila_ft.train.trainer import expanded_tokens  # noqa: E402
+from nvila_ft.train.dataset import expanded_tokens  # noqa: E402
 from nvila_ft.train.tuning import apply_tuning, base_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "vqa_rad"
@@ -135,22 +135,19 @@ def run_rows(model, batches: list[dict], skip_layer: bool) -> dict:
     return stats
 
 
-def shared_prefix_variants(model, processor, rows: list[dict]) -> dict[str, dict | str]:
-    """Shared prefix and + packing (issue 18 items 1-2, branch h10-prefix): run when their API is importable.
-
-    Wire the calls here once the grouping/packing collate exists: build the grouped (and packed) batches of
-    `rows` with it, then `run_rows(model, batches, skip_layer=...)` as for the baseline. Until then: "pending".
-    """
-    for name in ("nvila_ft.data.grouping", "nvila_ft.train.grouping"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            continue
-        note = f"pending: {name} exists; wire its collate into benchmarks/train_throughput.py shared_prefix_variants"
-        break
-    else:
-        note = "pending: shared prefixes / packing not on this branch (issue 18 items 1-2, branch h10-prefix)"
-    return {"shared prefix": note, "shared prefix + packing": note, "shared prefix + packing + layer skip": note}
+def shared_prefix_variants(model, processor, rows: list[dict]) -> dict[str, dict]:
+    """Shared prefix (`data.share_prefix`: the rows of one image in one sequence, the prefix once), + packing
+    (`data.packing`: all groups of the rows in sequences of up to `max_length`), + layer skip: the trainer's own
+    collator (`nvila_ft.data.grouping.GroupCollator`) on the same encoded rows as the baseline."""
+    encoded = [processor(r["conversations"], r["images"]) | {"media_key": media_key(r)} for r in rows]
+    by_image: dict = OrderedDict()
+    for row in encoded:
+        by_image.setdefault(row["media_key"], []).append(row)
+    grouped = [GroupCollator(processor, share_prefix=True)(group) for group in by_image.values()]
+    packed = [GroupCollator(processor, share_prefix=True, packing=True)(encoded)]
+    return {"shared prefix": run_rows(model, grouped, skip_layer=False),
+            "shared prefix + packing": run_rows(model, packed, skip_layer=False),
+            "shared prefix + packing + layer skip": run_rows(model, packed, skip_layer=True)}
 
 
 def epoch_counts(processor: NvilaProcessor, samples: list[dict]) -> dict:

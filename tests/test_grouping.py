@@ -20,8 +20,8 @@ from nvila_ft.data.grouping import (
     sharing_summary,
 )
 from nvila_ft.demo.tiny import build_tiny_checkpoint
+from nvila_ft.model.attention import segment_attention
 from nvila_ft.model.configuration import IGNORE_INDEX
-from nvila_ft.model.modeling import segment_attention
 from nvila_ft.train.recipe_io import load_recipe
 from nvila_ft.train.trainer import TrainingRun
 from nvila_ft.train.tuning import base_model

@@ -350,6 +350,36 @@ def test_a_row_that_fails_at_train_time_is_skipped_named_and_counted(tiny_assets
     assert row["index"] == 1 and row["source"].endswith("train.json") and "gone.png" in row["error"]
 
 
+def test_a_bad_row_in_a_shared_prefix_step_is_left_out_not_replaced(tiny_assets, tmp_path, monkeypatch):
+    # Shared prefixes (data.share_prefix, on: the quickstart rows repeat their images) train one step per data
+    # item; a row that fails there is recorded like any bad row and its step trains the other answers only.
+    rows = json.loads((Path(tiny_assets.data) / "train.json").read_text())[:4]
+    rows[1]["image"] = "images/gone.png"  # found bad only when encoded: preflight is off
+    data = tmp_path / "data"
+    shutil.copytree(tiny_assets.data, data)
+    (data / "train.json").write_text(json.dumps(rows))
+    answers = []
+    original = NvilaTrainer.training_step
+
+    def recording(self, model, inputs, num_items_in_batch=None):
+        parts = inputs["micro_batches"]  # the grouped path
+        answers.append(sum(len({tuple(r) for r in b["segment_ids"][b["labels"] != -100].tolist()}) for b in parts))
+        return original(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(NvilaTrainer, "training_step", recording)
+    out = tmp_path / "run"
+    recipe = load_recipe(QUICKSTART, [f"model.path={tiny_assets.model}", f"data.path={data}",
+                                      f"train.output_dir={out}", *QUICK, "data.preflight=false",
+                                      "data.share_prefix=true", "train.per_device_train_batch_size=2",
+                                      "train.gradient_accumulation_steps=1", "train.max_steps=2"])
+    metrics = TrainingRun(recipe).run()
+
+    assert sorted(answers) == [1, 2]  # 4 rows, 2 answers a step; the bad row's step trains its other row only
+    assert metrics["bad_rows_in_training"] == 1 and metrics["train"]["global_step"] == 2
+    [row] = [json.loads(line) for line in (out / "bad_rows.jsonl").read_text().splitlines()]
+    assert row["index"] == 1 and "gone.png" in row["error"]
+
+
 def test_collate_drops_bad_rows_and_passes_their_records_on(fell_back):
     sample = fell_back.run.train_samples[0]
     dataset = SupervisedDataset([sample, {**sample, "images": ["/nope.png"], "source": "t.json", "index": 7}],

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -307,7 +307,7 @@ class GroupCollator:
                           **processor_token_ids(self.processor))
 
     def __call__(self, items: Sequence[dict] | Sequence[Sequence[dict]]) -> dict:
-        rows = [r for item in items for r in ([item] if isinstance(item, dict) else item)]
+        rows = [r for item in items for r in ([item] if isinstance(item, Mapping) else item)]
         sequences = pack_units(self.units(rows), self.processor.max_length, self.packing)
         if self.micro_batch_size is None:
             return collate_units(self.processor, sequences)

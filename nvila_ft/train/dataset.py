@@ -4,6 +4,7 @@ recipe's preflight (`check_samples`); rows that fail at train time are left out 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch.utils.data import Dataset
@@ -114,7 +115,11 @@ class GroupedDataset(SupervisedDataset):
             rows.append(self.encode(i, layout))
         return rows
 
-    def collate(self, items: list[list[dict]]) -> dict:
+    def collate(self, items: list[list[dict]] | list[dict]) -> dict:
+        """A training item (a step's rows) -> micro-batches; eval rows (the Trainer has one `data_collator`, and
+        the eval set stays a :class:`SupervisedDataset`) -> :meth:`SupervisedDataset.collate`."""
+        if items and isinstance(items[0], Mapping):
+            return super().collate(items)
         features = [row for item in items for row in item]
         good = [f for f in features if "bad_row" not in f]
         return self._with_bad_rows(features, self.collator(good) if good else None)
