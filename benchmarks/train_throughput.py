@@ -1,6 +1,7 @@
 """Training work per answer token on VQA-RAD: baseline / shared prefix / + packing / + layer skip, side by side (CPU).
 
     python benchmarks/train_throughput.py --rows 6 [--llm-layers 1] [--vision-layers 3]
+    python benchmarks/train_throughput.py --image-rows 10 --vision-layers 2     # one typical image's 10 questions
 
 Real VQA-RAD rows and images (`../shared/data/vqa_rad`, train split). Two settings: `recipes/medical.yaml`
 (NVILA-8B shapes, dynamic_s2, 12 tiles) and NVILA-Lite (NVILA-Lite-2B shapes, dynamic, 12 tiles + thumbnail).
@@ -77,11 +78,14 @@ def build(name: str, tiny: NvilaForConditionalGeneration, llm_layers: int, visio
     return apply_tuning(model, tune, lora).train()
 
 
-def pick_rows(samples: list[dict], n: int) -> list[dict]:
-    """Whole images first: the rows of the first images (file order) until `n` rows."""
+def pick_rows(samples: list[dict], n: int, image_rows: int | None = None) -> list[dict]:
+    """Whole images first: the rows of the first images (file order) until `n` rows; with `image_rows`, all the
+    rows of the first image asked exactly that many questions (the split's mean is 9.76: one typical image)."""
     by_image: dict[str, list[dict]] = OrderedDict()
     for s in samples:
         by_image.setdefault(str(s["images"][0]), []).append(s)
+    if image_rows:
+        return next(group for group in by_image.values() if len(group) == image_rows)
     rows = [s for group in by_image.values() for s in group]
     return rows[:n]
 
@@ -190,13 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=6, help="training rows run per variant (whole images first)")
+    parser.add_argument("--image-rows", type=int, default=None,
+                        help="instead of --rows: the rows of the first image with this many questions (10: typical)")
     parser.add_argument("--llm-layers", type=int, default=1)
     parser.add_argument("--vision-layers", type=int, default=3, help="features come from the second-to-last")
     parser.add_argument("--settings", default="medical,lite", help="comma list: medical, lite")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     samples = load_samples(str(DATA), "train")
-    rows = pick_rows(samples, args.rows)
+    rows = pick_rows(samples, args.rows, args.image_rows)
     print(f"VQA-RAD train: {len(samples)} rows; running {len(rows)} rows on "
           f"{len({str(r['images'][0]) for r in rows})} images; LLM {args.llm_layers} layer(s), "
           f"SigLIP {args.vision_layers} layers (NVILA reads layer -2); torch threads {torch.get_num_threads()}")

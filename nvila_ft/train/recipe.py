@@ -450,7 +450,8 @@ class TrainConfig(_Section):
         None,
         description="Batch samples of similar length (transformers' group_by_length sampler, lengths from the "
         "preflight's token counts): less padding, same samples per epoch. null: on when "
-        "per_device_train_batch_size > 1.",
+        "per_device_train_batch_size > 1. Not used while shared prefixes or packing group a step's rows "
+        "(data.share_prefix, data.packing).",
     )
 
     @field_validator("mixed_precision", mode="before")

@@ -346,6 +346,8 @@ class TrainingRun:
                 share, packing = False, False
             else:
                 packing = d.packing
+            if (share or packing) and t.group_by_length:
+                logger.info("train.group_by_length is not used: shared prefixes / packing group each step's rows")
             self._grouping = (share, packing)
         return self._grouping
 
