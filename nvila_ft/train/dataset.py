@@ -35,7 +35,20 @@ class SupervisedDataset(Dataset):
     def lengths(self) -> list[int]:
         """Tokens per sample after media expansion: the preflight's count (`num_tokens`), else computed the same
         way from image sizes (headers only, nothing is tiled or encoded)."""
-        return [s["num_tokens"] if "num_tokens" in s else expanded_tokens(self.processor, s) for s in self.samples]
+        return [s["num_tokens"] if "num_tokens" in s else self.count_tokens(s) for s in self.samples]
+
+    def count_tokens(self, sample: dict) -> int:
+        """A sample's length when preflight did not count it (see :attr:`lengths`)."""
+        return expanded_tokens(self.processor, sample)
+
+    def encode(self, sample: dict) -> dict:
+        """One sample through the processor (`NvilaProcessor.__call__`); raises on a bad row."""
+        return self.processor(sample["conversations"], sample.get("images", []), sample_id=sample.get("id"),
+                              videos=sample.get("videos", []))
+
+    def collate_encoded(self, features: list[dict]) -> dict:
+        """A batch of encoded samples (`NvilaProcessor.collate`)."""
+        return self.processor.collate(features)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -43,8 +56,7 @@ class SupervisedDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         try:
-            return self.processor(sample["conversations"], sample.get("images", []), sample_id=sample.get("id"),
-                                  videos=sample.get("videos", []))
+            return self.encode(sample)
         except Exception as err:  # noqa: BLE001 - any failure of one row is reported, not fatal
             where = {"source": str(sample.get("source")), "index": sample.get("index"), "id": sample.get("id")}
             if index not in self.failed:
@@ -62,7 +74,7 @@ class SupervisedDataset(Dataset):
         good = [f for f in features if "bad_row" not in f]
         bad = [f["bad_row"] for f in features if "bad_row" in f]
         if good:
-            batch = self.processor.collate(good)
+            batch = self.collate_encoded(good)
         else:
             empty = torch.zeros(0, 1, dtype=torch.long)
             batch = {"input_ids": empty, "attention_mask": empty, "labels": empty}

@@ -128,7 +128,9 @@ class DenseLog(ProgressCallback):
         done = state.global_step - getattr(self, "_last_step", 0)
         self._last_step = state.global_step
         rate = done * args.per_device_train_batch_size * args.gradient_accumulation_steps / max(elapsed, 1e-9)
-        self._write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
+        dpo = "".join(f" | {k.split('/')[1]} {logs[k]:.3f}" for k in ("rewards/margins", "rewards/accuracies")
+                      if k in logs)  # preference runs (nvila_ft.train.preference)
+        self._write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f}{dpo} | "
                     f"lr {logs.get('learning_rate', 0):.2e} | {rate:.2f} samples/s | mem {mem}")
 
     def _write(self, line: str) -> None:
