@@ -615,11 +615,12 @@ class Recipe(_Section):
     def _check_dpo(self) -> Recipe:
         if self.train.objective != "dpo":
             return self
-        for part in ("llm", "vision_tower"):
+        for part, instead in (("llm", "lora, qlora or frozen"), ("vision_tower", "layernorm, lora or frozen")):
             if getattr(self.tune, part) == "full":
                 raise ValueError(
                     f"tune.{part}=full with train.objective=dpo: DPO's reference is the base model, whose {part} "
-                    f"a full-mode run releases from memory. Use tune.{part}=lora (or layernorm / frozen)."
+                    f"a full-mode run releases from memory. Use tune.{part}={instead.split(',')[0]} "
+                    f"({instead})."
                 )
         return self
 

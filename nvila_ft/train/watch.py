@@ -104,7 +104,8 @@ def summary_line(state, metrics: dict, seconds: float, output_dir: str | Path, m
     if best:
         parts.append(f"best {best['checkpoint']} ({best['metric']} {best['value']:.4f})")
     out = Path(output_dir)
-    parts.append(f"results in {out}/: README.md, metrics.json, {CURVE}, predictions_final.jsonl "
+    answers = ", predictions_final.jsonl" if (out / "predictions_final.jsonl").is_file() else ""  # none for DPO
+    parts.append(f"results in {out}/: README.md, metrics.json, {CURVE}{answers} "
                  f"(tensorboard --logdir {out / 'logs'})")
     return " | ".join(parts)
 
