@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RECIPES
+from conftest import RECIPES, InterruptAfter, Interrupted
 
 from nvila_ft.data import DataError
 from nvila_ft.data.pairs import answer_sample, load_pairs, preflight_pairs
@@ -168,6 +168,29 @@ def test_app_previews_a_dpo_run(trained, assets):
     expected = {(p["prompt"].replace("<image>", "").strip(), p["chosen"]) for p in test_pairs}
     assert note is None and len(rows) == 2 and all((q, ref) in expected for _, q, ref in rows), rows
     assert previewer.loss_curve(label) is not None
+
+
+class InterruptedRun(TrainingRun):
+    def build_trainer(self):
+        trainer = super().build_trainer()
+        trainer.add_callback(InterruptAfter(3))
+        return trainer
+
+
+def test_a_killed_dpo_run_resumes_to_the_uninterrupted_result(assets, tmp_path):
+    from safetensors.torch import load_file
+
+    short = ["train.max_steps=4", "train.save_steps=2", "train.per_device_train_batch_size=2", "eval.enabled=false"]
+    with pytest.raises(Interrupted):
+        InterruptedRun(recipe(assets, tmp_path / "resumed", *short)).run()
+    assert (tmp_path / "resumed" / "checkpoint-2").is_dir() and not (tmp_path / "resumed" / "checkpoint-4").exists()
+    resumed = TrainingRun(recipe(assets, tmp_path / "resumed", *short)).run()
+    whole = TrainingRun(recipe(assets, tmp_path / "whole", *short)).run()
+    assert resumed["train"]["global_step"] == whole["train"]["global_step"] == 4
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("resumed", "whole"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
 def test_lr_groups_are_the_sft_groups(trained):

@@ -39,6 +39,7 @@ from nvila_ft.data.checks import VideoCheck
 from nvila_ft.data.pairs import ANSWERS, answer_sample, load_pair_split, preflight_pairs
 from nvila_ft.model.configuration import IGNORE_INDEX
 from nvila_ft.train.dataset import SupervisedDataset, expanded_tokens
+from nvila_ft.train.recipe import RecipeError
 from nvila_ft.train.trainer import NvilaTrainer
 from nvila_ft.train.tuning import base_model
 
@@ -185,6 +186,11 @@ class NvilaDPOTrainer(NvilaTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.world_size > 1:
+            # sequence_logps runs NVILA's modules directly (embed, decoder, lm_head at the answer positions), not
+            # the DDP wrapper's forward, so DDP would not synchronize the gradients: refused rather than wrong.
+            raise RecipeError(f"train.objective=dpo runs on one process for now ({self.args.world_size} were "
+                              "launched); launch with recipes/accelerate/single_process.yaml.")
         self.model_accepts_loss_kwargs = False  # a mean over pairs: the Trainer divides it for accumulation
         self._dpo_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
