@@ -153,6 +153,11 @@ def test_run_folder_is_an_sft_run_folder_with_reward_metrics(trained):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"loss", "rewards/margins", "rewards/accuracies"} <= set(metrics["eval"])
     assert metrics["train_samples"] == 8
+    card = (out / "README.md").read_text()
+    assert "Objective: DPO preference tuning (loss sigmoid, beta 0.1" in card and "| rewards/margins |" in card
+    from nvila_ft.train.curves import read_series
+
+    assert "eval rewards/accuracies" in read_series(out / "loss_curve.png")  # the curve's 0-1 number
 
 
 def test_app_previews_a_dpo_run(trained, assets):
