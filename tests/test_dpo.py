@@ -92,7 +92,7 @@ def reference_logp(nvila, processor, sample: dict) -> torch.Tensor:
     logits = nvila.llm(inputs_embeds=embeds, attention_mask=mask).logits[0, :-1].float()
     targets = labels[0, 1:]
     keep = targets != IGNORE_INDEX
-    return logits.log_softmax(-1)[keep].gather(-1, targets[keep, None]).sum()
+    return logits.log_softmax(-1)[keep].gather(-1, targets[keep, None]).sum(), keep.sum()
 
 
 def test_loss_on_a_hand_built_pair_is_the_dpo_formula(trained):
@@ -106,10 +106,15 @@ def test_loss_on_a_hand_built_pair_is_the_dpo_formula(trained):
         pi = {k: reference_logp(nvila, run.processor, answer_sample(pair, k)) for k in ("chosen", "rejected")}
         with run.model.disable_adapter():
             ref = {k: reference_logp(nvila, run.processor, answer_sample(pair, k)) for k in ("chosen", "rejected")}
+        n = {k: pi[k][1] for k in pi}  # answer tokens + <|im_end|>
+        assert n["chosen"] > n["rejected"] > 0
+        pi, ref = {k: v[0] for k, v in pi.items()}, {k: v[0] for k, v in ref.items()}
         delta = (pi["chosen"] - ref["chosen"]) - (pi["rejected"] - ref["rejected"])
         assert abs(delta) > 1e-3  # the trained adapter moved the policy away from the reference
+        per_token = (pi["chosen"] - ref["chosen"]) / n["chosen"] - (pi["rejected"] - ref["rejected"]) / n["rejected"]
         for beta, loss_type, expected in [(0.1, "sigmoid", lambda b: -F.logsigmoid(b * delta)),
-                                          (0.5, "hinge", lambda b: torch.relu(1 - b * delta))]:
+                                          (0.5, "hinge", lambda b: torch.relu(1 - b * delta)),
+                                          (0.5, "ipo", lambda b: (per_token - 1 / (2 * b)) ** 2)]:
             trainer.dpo_config = DPOConfig(beta=beta, loss_type=loss_type)
             loss = trainer.compute_loss(run.model, dict(batch))
             torch.testing.assert_close(loss, expected(beta), rtol=1e-4, atol=1e-5)
@@ -267,6 +272,10 @@ def test_hugging_face_preference_layouts(tmp_path, assets):
     assert pair["conversations"][0]["value"] == "<image>\nWhat is shown?"
     assert (pair["chosen"], pair["rejected"], len(pair["images"])) == ("a CT", "an MRI", 1)
 
+    rlaif.remove_columns("rejected").save_to_disk(str(tmp_path / "unpaired"))
+    with pytest.raises(DataError, match=r"no column\(s\) \['rejected'\]"):
+        load_pairs(str(tmp_path / "unpaired"), "train")
+
 
 # ---------------------------------------------------------------------------------------------- recipe, planner
 @pytest.mark.parametrize("part", ["llm", "vision_tower"])
@@ -276,6 +285,11 @@ def test_recipe_refuses_a_full_part_with_dpo(assets, tmp_path, part):
     assert f"tune.{part}=full" in str(err.value) and "train.objective=dpo" in str(err.value)
     assert len(str(err.value).splitlines()) == 1
     recipe(assets, tmp_path, f"tune.{part}=full", "train.objective=sft")  # SFT keeps the full modes
+
+
+def test_recipe_refuses_pruning_with_dpo(assets, tmp_path):
+    with pytest.raises(RecipeError, match="data.prune with train.objective=dpo"):
+        recipe(assets, tmp_path, "data.prune.method=random")
 
 
 def test_planner_prices_two_sequences_per_row(assets, tmp_path):

@@ -172,8 +172,9 @@ def _load_hf_pairs(path, split, image_column, question_column, max_samples, subs
     columns = dataset.column_names
     prompt = "prompt" if "prompt" in columns else question_column
     image = image_column if image_column in columns else "images" if "images" in columns else None
-    missing = [c for c in (prompt, *ANSWERS) if c not in columns and c != "conversations"]
-    if missing and not ("conversations" in columns and prompt in missing):
+    needed = [*ANSWERS] + ([] if "conversations" in columns else [prompt])
+    missing = [c for c in needed if c not in columns]
+    if missing:
         raise DataError(f"dataset {path} (split {split!r}) has no column(s) {missing}; its columns are {columns}. "
                         "Preference data needs prompt (or data.question_column), chosen and rejected.")
     if image is not None:

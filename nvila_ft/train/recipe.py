@@ -615,6 +615,9 @@ class Recipe(_Section):
     def _check_dpo(self) -> Recipe:
         if self.train.objective != "dpo":
             return self
+        if self.data.prune.enabled:
+            raise ValueError("data.prune with train.objective=dpo: pruning scores SFT rows, not preference pairs. "
+                             "Set data.prune.scores=null and data.prune.method=deltaloss, or train.objective=sft.")
         for part, instead in (("llm", "lora, qlora or frozen"), ("vision_tower", "layernorm, lora or frozen")):
             if getattr(self.tune, part) == "full":
                 raise ValueError(
