@@ -13,6 +13,8 @@ Samples are plain dicts, as the data loaders produce them: `{"images": [path or 
 "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}` (optional: `id`,
 `answer_type`, `references`, `videos`: [path or bytes]). `<image>` placeholders may be left out: images go before the
 first question. Rows go through the same normaliser as LLaVA JSON rows (`nvila_ft.data.rows.normalize_row`).
+With `train.objective: dpo`, `train` takes preference rows instead: `{"images", "prompt", "chosen", "rejected"}`
+(`nvila_ft.data.pairs.normalize_pair`).
 """
 
 from __future__ import annotations

@@ -277,6 +277,19 @@ def test_hugging_face_preference_layouts(tmp_path, assets):
         load_pairs(str(tmp_path / "unpaired"), "train")
 
 
+def test_python_api_trains_dpo_on_preference_rows(assets, tmp_path):
+    from nvila_ft.api import train
+
+    image = str(next((assets.pairs / "images").glob("*.png")))
+    rows = [{"images": [image], "prompt": "Is this a CT?", "chosen": "yes", "rejected": "no"},
+            {"images": [image], "prompt": "Which body part?", "chosen": "head", "rejected": "neck"}]
+    run = train(recipe(assets, tmp_path / "api", "train.max_steps=2", "train.per_device_train_batch_size=2"),
+                train_data=rows)
+    assert [s["chosen"] for s in run.train_samples] == ["yes", "head"]
+    assert run.metrics["train"]["global_step"] == 2 and "eval" not in run.metrics
+    assert any("rewards/margins" in h for h in run.trainer.state.log_history)
+
+
 # ---------------------------------------------------------------------------------------------- recipe, planner
 @pytest.mark.parametrize("part", ["llm", "vision_tower"])
 def test_recipe_refuses_a_full_part_with_dpo(assets, tmp_path, part):
