@@ -344,7 +344,12 @@ class Previewer:
         if not Path(d.path).exists() and not is_demo_path(d.path):  # a demo set is built where it loads
             return [], f"its data ({d.path}) is not a local path from here"
         try:
-            samples = load_split(d, d.eval_split, max_samples=max(n * 4, n))
+            if recipe.train.objective == "dpo":  # preference pairs: the prompt, the chosen answer as reference
+                from nvila_ft.data.pairs import answer_sample, load_pair_split
+
+                samples = [answer_sample(p, "chosen") for p in load_pair_split(d, d.eval_split, max(n * 4, n))]
+            else:
+                samples = load_split(d, d.eval_split, max_samples=max(n * 4, n))
         except (DataError, OSError) as err:
             return [], f"cannot read its eval split: {err}"
         rows, repeats = [], []  # rows on images not seen yet come first
@@ -388,7 +393,8 @@ def recipe_rows(recipe: Recipe) -> list[tuple[str, str]]:
     rows += [("data", f"`{d.path}` ({d.format}), train `{d.train_split}`, eval `{d.eval_split}`"),
              ("training", f"lr {tr.lr:g} (vision / {tr.vision_lr_ratio:g}), "
                           f"batch {tr.per_device_train_batch_size} x {tr.gradient_accumulation_steps}, "
-                          + (f"{tr.max_steps} steps" if tr.max_steps > 0 else f"{tr.num_train_epochs:g} epochs")),
+                          + (f"{tr.max_steps} steps" if tr.max_steps > 0 else f"{tr.num_train_epochs:g} epochs")
+                          + (f", DPO (beta {recipe.dpo.beta:g}, {recipe.dpo.loss_type})" if tr.objective == "dpo" else "")),
              ("image tiling", f"{m.image_aspect_ratio or 'checkpoint default'}, max_tiles {m.max_tiles or 'default'}")]
     return rows
 

@@ -13,6 +13,8 @@ Samples are plain dicts, as the data loaders produce them: `{"images": [path or 
 "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}` (optional: `id`,
 `answer_type`, `references`, `videos`: [path or bytes]). `<image>` placeholders may be left out: images go before the
 first question. Rows go through the same normaliser as LLaVA JSON rows (`nvila_ft.data.rows.normalize_row`).
+With `train.objective: dpo`, `train` takes preference rows instead: `{"images", "prompt", "chosen", "rejected"}`
+(`nvila_ft.data.pairs.normalize_pair`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from nvila_ft.data.pairs import normalize_pair
 from nvila_ft.data.rows import normalize_row
 from nvila_ft.inference import AdapterBank, generate, load_model, stream_generate  # noqa: F401 - part of the API
 from nvila_ft.merge import merge  # noqa: F401 - part of the API
@@ -31,9 +34,10 @@ from nvila_ft.train.recipe_io import load_recipe
 Metric = str | Callable[[list[str], list], Any]
 
 
-def as_samples(data: Iterable[dict] | Any, source: str = "python") -> list[dict]:
+def as_samples(data: Iterable[dict] | Any, source: str = "python", pairs: bool = False) -> list[dict]:
     """Normalizes a list of sample dicts, a `torch.utils.data.Dataset` or a Hugging Face `datasets.Dataset`
-    yielding them (see the module doc) into the samples the trainer and evaluation use.
+    yielding them (see the module doc) into the samples the trainer and evaluation use; with `pairs`, preference
+    rows (`image`, `prompt`, `chosen`, `rejected`: `nvila_ft.data.pairs.normalize_pair`) for DPO.
 
     A row that is not such a dict becomes an error row (reported by preflight, dropped or fatal per
     `data.on_bad_row`), never a crash in the middle of training.
@@ -42,7 +46,8 @@ def as_samples(data: Iterable[dict] | Any, source: str = "python") -> list[dict]
         rows = (data[i] for i in range(len(data)))  # map-style torch Dataset (HF datasets index the same way)
     else:
         rows = iter(data)
-    return [normalize_row(row, index, source) for index, row in enumerate(rows)]
+    normalize = normalize_pair if pairs else normalize_row
+    return [normalize(row, index, source) for index, row in enumerate(rows)]
 
 
 def train(
@@ -71,10 +76,11 @@ def train(
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
+    pairs = recipe.train.objective == "dpo"
     run = TrainingRun(
         recipe,
-        train_samples=as_samples(train_data, "train_data") if train_data is not None else None,
-        eval_samples=as_samples(eval_data, "eval_data") if eval_data is not None else None,
+        train_samples=as_samples(train_data, "train_data", pairs) if train_data is not None else None,
+        eval_samples=as_samples(eval_data, "eval_data", pairs) if eval_data is not None else None,
         metric=metric,
     )
     run.metrics = run.run()

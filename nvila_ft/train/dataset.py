@@ -38,22 +38,35 @@ class SupervisedDataset(Dataset):
     def lengths(self) -> list[int]:
         """Tokens per sample after media expansion: the preflight's count (`num_tokens`), else computed the same
         way from image sizes (headers only, nothing is tiled or encoded)."""
-        return [s["num_tokens"] if "num_tokens" in s else expanded_tokens(self.processor, s) for s in self.samples]
+        return [s["num_tokens"] if "num_tokens" in s else self.count_tokens(s) for s in self.samples]
+
+    def count_tokens(self, sample: dict) -> int:
+        """A sample's length when preflight did not count it (see :attr:`lengths`)."""
+        return expanded_tokens(self.processor, sample)
+
+    def encode(self, sample: dict, media_layout=None) -> dict:
+        """One sample through the processor (`NvilaProcessor.__call__`) with its `media_key` (shared prefixes);
+        raises on a bad row. `media_layout`: see :meth:`encode_row`."""
+        encoded = self.processor(sample["conversations"], sample.get("images", []), sample_id=sample.get("id"),
+                                 videos=sample.get("videos", []), media_layout=media_layout)
+        return encoded | {"media_key": media_key(sample)}
+
+    def collate_encoded(self, features: list[dict]) -> dict:
+        """A batch of encoded samples (`NvilaProcessor.collate`)."""
+        return self.processor.collate(features)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        return self.encode(index)
+        return self.encode_row(index)
 
-    def encode(self, index: int, media_layout=None) -> dict:
-        """Row `index` encoded (with `media_key`, for shared prefixes), or `{"bad_row": ...}` if it fails.
-        `media_layout`: `processor.layout_media` of the row's media, computed once for rows that share it."""
+    def encode_row(self, index: int, media_layout=None) -> dict:
+        """Row `index` encoded (:meth:`encode`), or `{"bad_row": ...}` if it fails. `media_layout`:
+        `processor.layout_media` of the row's media, computed once for rows that share it."""
         sample = self.samples[index]
         try:
-            encoded = self.processor(sample["conversations"], sample.get("images", []), sample_id=sample.get("id"),
-                                     videos=sample.get("videos", []), media_layout=media_layout)
-            return encoded | {"media_key": media_key(sample)}
+            return self.encode(sample, media_layout)
         except Exception as err:  # noqa: BLE001 - any failure of one row is reported, not fatal
             where = {"source": str(sample.get("source")), "index": sample.get("index"), "id": sample.get("id")}
             if index not in self.failed:
@@ -69,7 +82,7 @@ class SupervisedDataset(Dataset):
         """`processor.collate` of the rows that encoded; `bad_rows` lists the others. A batch of bad rows only
         is empty (`input_ids` (0, 1)), which the trainer skips."""
         good = [{k: v for k, v in f.items() if k != "media_key"} for f in features if "bad_row" not in f]
-        return self._with_bad_rows(features, self.processor.collate(good) if good else None)
+        return self._with_bad_rows(features, self.collate_encoded(good) if good else None)
 
     @staticmethod
     def _with_bad_rows(features: list[dict], batch: dict | None) -> dict:
@@ -112,7 +125,7 @@ class GroupedDataset(SupervisedDataset):
                     layout = layouts[key]
                 except Exception:  # noqa: BLE001 - encode() reports the row
                     layout = None
-            rows.append(self.encode(i, layout))
+            rows.append(self.encode_row(i, layout))
         return rows
 
     def collate(self, items: list[list[dict]] | list[dict]) -> dict:

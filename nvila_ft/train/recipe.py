@@ -446,6 +446,12 @@ class TrainConfig(_Section):
     hub_model_id: str | None = Field(
         None, description="The Hub repo to push to, owner/name; null = the output_dir's folder name."
     )
+    objective: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: supervised fine-tuning on answers (data rows with conversations). dpo: preference tuning "
+        "(Direct Preference Optimization) on rows with prompt, chosen and rejected answers; the reference model is "
+        "the base without the adapter (settings in the dpo section; nvila_ft/train/preference.py).",
+    )
     group_by_length: bool | None = Field(
         None,
         description="Batch samples of similar length (transformers' group_by_length sampler, lengths from the "
@@ -592,6 +598,24 @@ class EvalConfig(_Section):
         return value
 
 
+class DPOConfig(_Section):
+    """Preference tuning (train.objective=dpo): DPO's loss on (chosen, rejected) answer pairs, as trl's DPOTrainer
+    computes it (arXiv 2305.18290)."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="Strength of the pull towards the reference (the base model). Higher: stays closer to the base; "
+        "lower: follows the preferences more. trl's default 0.1; for ipo it is the regularisation tau.",
+    )
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = Field(
+        "sigmoid",
+        description="sigmoid: the DPO paper's loss. hinge: SLiC's hinge on the reward margin. ipo: IPO's squared "
+        "loss on the per-token log-ratio margin (less overfitting on near-deterministic preferences). Formulas "
+        "as trl 1.16's DPOTrainer.",
+    )
+
+
 class Recipe(_Section):
     """A full fine-tuning recipe: model, what to tune, adapters, data, training and evaluation."""
 
@@ -601,6 +625,23 @@ class Recipe(_Section):
     data: DataConfig = Field(description="Training and evaluation data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization and checkpointing.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation by generation.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference tuning (train.objective=dpo).")
+
+    @model_validator(mode="after")
+    def _check_dpo(self) -> Recipe:
+        if self.train.objective != "dpo":
+            return self
+        if self.data.prune.enabled:
+            raise ValueError("data.prune with train.objective=dpo: pruning scores SFT rows, not preference pairs. "
+                             "Set data.prune.scores=null and data.prune.method=deltaloss, or train.objective=sft.")
+        for part, instead in (("llm", "lora, qlora or frozen"), ("vision_tower", "layernorm, lora or frozen")):
+            if getattr(self.tune, part) == "full":
+                raise ValueError(
+                    f"tune.{part}=full with train.objective=dpo: DPO's reference is the base model, whose {part} "
+                    f"a full-mode run releases from memory. Use tune.{part}={instead.split(',')[0]} "
+                    f"({instead})."
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_parts(self) -> Recipe:
@@ -641,6 +682,8 @@ class Recipe(_Section):
         from nvila_ft.metrics import METRICS
 
         keys = ["loss", *(k for k in METRICS[e.metric](["yes"], ["yes"], ["CLOSED"]) if k != "n")]
+        if t.objective == "dpo":  # nvila_ft.train.preference logs these at every evaluation
+            keys += ["rewards/accuracies", "rewards/margins"]
         if t.metric_for_best_model.removeprefix("eval_") not in keys:
             raise ValueError(
                 f"train.metric_for_best_model={t.metric_for_best_model!r} is not a number eval.metric={e.metric} "

@@ -246,6 +246,10 @@ class TrainingRun:
         return model, processor
 
     def load_data(self) -> None:
+        if self.recipe.train.objective == "dpo":  # preference pairs: their loader and preflight
+            from nvila_ft.train.preference import load_preference_data
+
+            return load_preference_data(self)
         d = self.recipe.data
         given_train, given_eval = self.given_samples
         limit = self.recipe.eval.max_samples
@@ -306,6 +310,10 @@ class TrainingRun:
         callbacks = [LossCurve(self.output_dir, self.metric_name), LogAtSave()]
         if t.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+        trainer_class, dataset_class = NvilaTrainer, SupervisedDataset
+        if self.recipe.train.objective == "dpo":
+            from nvila_ft.train.preference import NvilaDPOTrainer as trainer_class
+            from nvila_ft.train.preference import PreferenceDataset as dataset_class
         share_prefix, packing = self.grouping()
         answers = t.per_device_train_batch_size * t.gradient_accumulation_steps
         if share_prefix or packing:  # one item = one optimizer step's rows, grouped / packed into micro-batches
@@ -313,14 +321,15 @@ class TrainingRun:
             collator = GroupCollator(self.processor, share_prefix, packing, t.per_device_train_batch_size)
             dataset = GroupedDataset(self.train_samples, self.processor, steps, collator)
         else:
-            dataset = SupervisedDataset(self.train_samples, self.processor)
-        self.trainer = NvilaTrainer(
+            dataset = dataset_class(self.train_samples, self.processor)
+        self.trainer = trainer_class(
             model=self.model, args=args, train_dataset=dataset,
-            eval_dataset=SupervisedDataset(self.eval_loss_samples, self.processor) if self.eval_loss_samples else None,
+            eval_dataset=dataset_class(self.eval_loss_samples, self.processor) if self.eval_loss_samples else None,
             data_collator=dataset.collate, processing_class=self.processor.tokenizer,
             callbacks=callbacks,
         )
         self.trainer.train_config = t  # the optimizer (per-part groups) is made in NvilaTrainer.create_optimizer
+        self.trainer.dpo_config = self.recipe.dpo  # read by NvilaDPOTrainer only
         self.trainer.answer_metrics = self.answer_metrics if self.eval_samples else None
         self.trainer.write_card = self.write_model_card
         self.trainer.remove_callback(ProgressCallback)
@@ -335,6 +344,8 @@ class TrainingRun:
         their media and an optimizer step has more than one answer; both need a custom 4D attention mask, which
         flash-attention cannot take (then off, with a notice)."""
         d, t = self.recipe.data, self.recipe.train
+        if t.objective != "sft":  # preference pairs: chosen and rejected already share their media in one forward
+            return False, False
         if getattr(self, "_grouping", None) is None:
             several = t.per_device_train_batch_size * t.gradient_accumulation_steps > 1  # else nothing to share
             auto = several and repeats_media(self.train_samples)

@@ -104,7 +104,8 @@ def summary_line(state, metrics: dict, seconds: float, output_dir: str | Path, m
     if best:
         parts.append(f"best {best['checkpoint']} ({best['metric']} {best['value']:.4f})")
     out = Path(output_dir)
-    parts.append(f"results in {out}/: README.md, metrics.json, {CURVE}, predictions_final.jsonl "
+    answers = ", predictions_final.jsonl" if (out / "predictions_final.jsonl").is_file() else ""  # none for DPO
+    parts.append(f"results in {out}/: README.md, metrics.json, {CURVE}{answers} "
                  f"(tensorboard --logdir {out / 'logs'})")
     return " | ".join(parts)
 
@@ -136,7 +137,9 @@ class DenseLog(ProgressCallback):
         self._last_step = state.global_step
         rows = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.rows_per_item
         rate = done * rows / max(elapsed, 1e-9)
-        self._write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
+        dpo = "".join(f" | {k.split('/')[1]} {logs[k]:.3f}" for k in ("rewards/margins", "rewards/accuracies")
+                      if k in logs)  # preference runs (nvila_ft.train.preference)
+        self._write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f}{dpo} | "
                     f"lr {logs.get('learning_rate', 0):.2e} | {rate:.2f} samples/s | mem {mem}")
 
     def _write(self, line: str) -> None:
