@@ -90,6 +90,7 @@ class NvilaTrainer(ShardedAdapterSaves, WatchedTrainer):
     _staging: str | None = None
     _bad_rows_seen: set | None = None
     train_config = None  # the recipe's `train` section (learning rates per part), set by TrainingRun
+    param_ndims: dict[str, int] | None = None  # FSDP: dimensions before flattening, set by TrainingRun
 
     def create_optimizer(self, model=None):
         # The per-part AdamW groups (nvila_ft.train.tuning.param_groups) are built from the model the Trainer
@@ -98,7 +99,7 @@ class NvilaTrainer(ShardedAdapterSaves, WatchedTrainer):
         if self.optimizer is None and self.train_config is not None:
             t = self.train_config
             # Unwrapped: FSDP (use_orig_params) prefixes the names with `_fsdp_wrapped_module.`.
-            groups = param_groups(Unwrapped(model if model is not None else self.model), t)
+            groups = param_groups(Unwrapped(model if model is not None else self.model), t, self.param_ndims)
             self.optimizer = torch.optim.AdamW(
                 [{k: v for k, v in g.items() if k not in ("names", "name")} for g in groups], lr=t.lr,
                 weight_decay=t.weight_decay)
@@ -312,6 +313,7 @@ class TrainingRun:
         self.trainer.train_config = t  # the optimizer (per-part groups) is made in NvilaTrainer.create_optimizer
         if self.trainer.is_fsdp_enabled:  # mapped before the Trainer wraps the model (ShardedAdapterSaves)
             self.trainer.adapter_sources = adapter_sources(self.model)
+            self.trainer.param_ndims = {n: p.ndim for n, p in self.model.named_parameters()}
         self.trainer.answer_metrics = self.answer_metrics if self.eval_samples else None
         self.trainer.write_card = self.write_model_card
         self.trainer.remove_callback(ProgressCallback)
