@@ -28,6 +28,8 @@ def _init_allowing_cpu_fsdp(self, *args, fsdp_plugin=None, **kwargs):
             shared["distributed_type"] = DistributedType.FSDP
             shared["device"] = torch.device("cpu")  # MULTI_CPU says cpu:0; FSDP compares it with the params' "cpu"
         self.fsdp_plugin = fsdp_plugin
+        for config in (fsdp_plugin.state_dict_config, fsdp_plugin.optim_state_dict_config):
+            config.offload_to_cpu = False  # see _full_state_dict_config_without_offload
         print("fsdp_on_cpu: FSDP enabled on a CPU launch", flush=True)
 
 
@@ -38,8 +40,9 @@ _FullStateDictConfig = fsdp.FullStateDictConfig
 
 
 def _full_state_dict_config_without_offload(offload_to_cpu: bool = False, rank0_only: bool = False):
-    """FULL_STATE_DICT "offloaded to CPU" from parameters already on the CPU crashes (torch 2.13: the clone of a
-    gathered tensor segfaults); on the CPU there is nothing to offload, so the gathered copy stays as it is."""
+    """FULL_STATE_DICT "offloaded to CPU" from parameters already on the CPU is broken (torch 2.13: the clone of
+    a gathered parameter segfaults; a gathered optimizer state aliases freed memory, so optimizer.bin holds
+    garbage). On the CPU there is nothing to offload, so the gathered copies stay as they are."""
     return _FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only)
 
 

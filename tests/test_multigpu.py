@@ -3,7 +3,7 @@ recipes/accelerate/multi_gpu.yaml --num_processes 2`, or `--multi_gpu --num_proc
 into torchrun; `--cpu` would start one process), FSDP through the same Trainer path (tests/fsdp_on_cpu.py), the
 shipped accelerate configs, sharded evaluation and the planner's per-GPU prices.
 
-Four 2-process launches (DDP, DDP resumed, FSDP, DeepSpeed ZeRO-3) of 3 steps on 6 quickstart rows, 15-30 s each
+Five 2-process launches (DDP, DDP resumed, FSDP, FSDP resumed, DeepSpeed ZeRO-3) of 3 steps on 6 quickstart rows, 15-30 s each
 on the shared 2-core machine (most of it interpreter and import start-up), and one single-process reference run.
 """
 
@@ -182,6 +182,16 @@ def test_fsdp_adapter_loads_into_one_process_with_the_logits_of_the_single_proce
     with torch.no_grad():
         logits = {name: model(**batch).logits for name, model in models.items()}
     torch.testing.assert_close(logits["fsdp"], logits["single"], atol=1e-4, rtol=1e-4)
+
+
+def test_resume_under_fsdp_from_an_fsdp_checkpoint_ends_where_the_uninterrupted_run_ends(fsdp, tiny_assets, tmp_path):
+    out, _ = fsdp
+    resumed = tmp_path / "out"
+    launch(["--config_file", str(CONFIGS / "fsdp.yaml")],
+           [*paths(tiny_assets, resumed), *OVERRIDES, "train.per_device_train_batch_size=1", "eval.enabled=false",
+            f"train.resume_from_checkpoint={out / 'checkpoint-2'}"], program=(str(ROOT / "tests" / "fsdp_on_cpu.py"),))
+    assert losses(resumed) == pytest.approx(losses(out), rel=1e-6)
+    assert_same_trainables(trainables(resumed), trainables(out), atol=1e-6)  # AdamW moments restored too
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed

@@ -198,7 +198,8 @@ class ShardedAdapterSaves:
     others): the ranks' collectives no longer match and gloo / NCCL abort ("Received data size doesn't match").
     Here the adapter keys are mapped once before wrapping (:func:`adapter_sources`); a save takes the full state
     dict that `Trainer.save_model` gathers on rank 0 (accelerate: FULL_STATE_DICT, offloaded to CPU) and writes
-    `adapter_model.safetensors` + `adapter_config.json` as peft would, with no further collective.
+    `adapter_model.safetensors` + `adapter_config.json` as peft would, with no further collective. A resume
+    loads that adapter before the model is wrapped (`TrainingRun.run`), and FSDP's optimizer state as Trainer does.
     """
 
     adapter_sources: dict[str, str] | None = None
@@ -246,15 +247,7 @@ class ShardedAdapterSaves:
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.adapter_sources is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # Every rank reads the (small) adapter and loads it as a full state dict; FSDP keeps its shard.
-        from safetensors.torch import load_file
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        adapter = load_file(os.path.join(resume_from_checkpoint, "adapter_model.safetensors"))
-        model = model if model is not None else self.model
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
-            result = model.load_state_dict({self.adapter_sources[k]: v for k, v in adapter.items()}, strict=False)
-        if result.unexpected_keys:
-            raise RuntimeError(f"{resume_from_checkpoint}: adapter keys not in the model: {result.unexpected_keys[:3]}")
+        # FSDP: the adapter was loaded into the model before the Trainer wrapped it (TrainingRun.run, peft's
+        # load_adapter), as for a fresh run; accelerate's load_fsdp_model would look for pytorch_model_fsdp.bin.
+        # The optimizer (optimizer.bin) and scheduler load as Trainer loads them.
         return None

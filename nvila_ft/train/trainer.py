@@ -393,6 +393,8 @@ class TrainingRun:
                 self.trainer.state = TrainerState.load_from_json(os.path.join(plan.checkpoint, "trainer_state.json"))
                 this_call = {}
             else:
+                if plan.checkpoint and self.trainer.adapter_sources is not None:  # FSDP: before wrapping
+                    self.model.load_adapter(plan.checkpoint, adapter_name="default", is_trainable=True)
                 this_call = self.trainer.train(resume_from_checkpoint=plan.checkpoint).metrics
         finally:
             self._in_train = False
