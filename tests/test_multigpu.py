@@ -26,13 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "accelerate"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 STEPS = 3
-# lora.dropout=0: dropout draws differ between one and two processes. Eval batches of 1: each answer and each
+# lora.dropout=0: dropout draws differ between one and two processes. Weight decay 0.1: the optimizer groups
+# (decay / no decay for norms and biases) must come out the same under FSDP's flattened parameters. Eval batches of 1: each answer and each
 # eval loss is computed alone, so one process and a rank compute it with the same numbers (Trainer's eval loss
 # is a mean of batch means, which depends on how rows are batched). 4 eval-loss rows: a multiple of the ranks
 # (Trainer pads an uneven last round of eval batches with repeated rows, which then count twice in the loss).
 OVERRIDES = [
     "model.image_aspect_ratio=resize", f"train.max_steps={STEPS}", "train.logging_steps=1", "train.save_steps=1",
-    "train.report_to=[]", "train.lr=1e-2", "train.seed=0", "train.gradient_accumulation_steps=1",
+    "train.report_to=[]", "train.lr=1e-2", "train.weight_decay=0.1", "train.seed=0", "train.gradient_accumulation_steps=1",
     "train.per_device_eval_batch_size=1", "lora.dropout=0", "data.max_train_samples=6", "data.max_eval_samples=4", "eval.max_samples=3",
     "eval.max_new_tokens=4", "eval.batch_size=1",
 ]
