@@ -5,8 +5,10 @@
 
 Training itself is data parallel through `transformers.Trainer` / accelerate (DDP, FSDP or DeepSpeed ZeRO, chosen
 by the accelerate config in `recipes/accelerate/`). What is NVILA-specific lives here: logs, tables and run files
-come from rank 0, and the generation-based evaluation gives each rank its slice of the questions and gathers the
-answers, so N ranks generate each answer once and score the rows a single process scores.
+come from rank 0; the generation-based evaluation gives each rank its slice of the questions and gathers the
+answers, so N ranks generate each answer once and score the rows a single process scores; and under FSDP the
+peft adapter (LoRA + the trained copies of projector and LayerNorms) is saved and resumed without peft's
+rank-0-only collectives (:class:`ShardedAdapterSaves`).
 """
 
 from __future__ import annotations
@@ -173,8 +175,8 @@ def adapter_sources(peft_model) -> dict[str, str]:
     themselves, so identity maps them back). LoRA keys and the `modules_to_save` copies (projector, LayerNorms).
 
     Raises:
-        RuntimeError: peft transformed a tensor instead of selecting it (not the case for LoRA / DoRA +
-            modules_to_save, the kit's tunings).
+        RuntimeError: peft transformed a tensor instead of selecting it (it selects them for LoRA +
+            modules_to_save, the kit's default tuning, as tests/test_multigpu.py checks; others are untested).
     """
     from peft import get_peft_model_state_dict
 
