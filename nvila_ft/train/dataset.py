@@ -11,6 +11,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from nvila_ft.data import VideoCheck, load_split, preflight
 from nvila_ft.model.processing import NvilaProcessor
+from nvila_ft.train.distributed import is_main_process
 from nvila_ft.train.recipe import Recipe
 
 logger = logging.getLogger("nvila_ft.train")
@@ -98,7 +99,7 @@ def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict]
                                        seed=recipe.train.seed, cache_dir=d.video_cache_dir,
                                        tokens_fn=processor.count_video_tokens)
     report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=lambda s: expanded_tokens(processor, s), max_length=processor.max_length,
-                       video_check=video_check)
+                       video_check=video_check, progress=is_main_process())
     lines = report.summary().splitlines()
     logger.info("%s split: %s", split, lines[0])
     video_lines = [line for line in lines if line.startswith("video rows:")]

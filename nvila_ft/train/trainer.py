@@ -25,7 +25,6 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
 from nvila_ft.data import load_split
-from nvila_ft.evaluate import evaluate_samples
 from nvila_ft.metrics import PRIMARY
 from nvila_ft.model.checkpoint import DTYPES, nf4_config
 from nvila_ft.model.media import MediaConfig
@@ -53,6 +52,15 @@ from nvila_ft.train.dataset import (  # noqa: F401 - SupervisedDataset, check_sa
     check_samples,
     prepare_data,
 )
+from nvila_ft.train.distributed import (
+    ShardedAdapterSaves,
+    Unwrapped,
+    adapter_sources,
+    is_main_process,
+    quiet_other_ranks,
+    sharded_evaluate,
+    sharded_launch,
+)
 from nvila_ft.train.recipe import Recipe
 from nvila_ft.train.recipe_io import recipe_to_yaml, run_info
 from nvila_ft.train.tuning import (
@@ -68,19 +76,21 @@ from nvila_ft.train.watch import DenseLog, LossCurve, WatchedTrainer, summary_li
 logger = logging.getLogger("nvila_ft.train")
 
 # ---------------------------------------------------------------------------------------------- trainer
-class NvilaTrainer(WatchedTrainer):
+class NvilaTrainer(ShardedAdapterSaves, WatchedTrainer):
     """`transformers.Trainer` (eval answers and the best-checkpoint choice from `WatchedTrainer`) with short overrides.
 
     The model is a `PeftModel` whose adapter holds the LoRA weights and the copies of the parts trained in full
     (peft `modules_to_save`, see :func:`nvila_ft.train.tuning.apply_tuning`), so Trainer's own PEFT save and
     resume cover everything the recipe trains. Overridden: checkpoints are staged and renamed into place
     (`_save_checkpoint`, `_get_output_dir`), and rows that failed to encode are counted (`training_step`) or
-    left out of an evaluation batch (`prediction_step`).
+    left out of an evaluation batch (`prediction_step`). Under FSDP the adapter is saved and resumed by
+    :class:`~nvila_ft.train.distributed.ShardedAdapterSaves`.
     """
 
     _staging: str | None = None
     _bad_rows_seen: set | None = None
     train_config = None  # the recipe's `train` section (learning rates per part), set by TrainingRun
+    param_ndims: dict[str, int] | None = None  # FSDP: dimensions before flattening, set by TrainingRun
 
     def create_optimizer(self, model=None):
         # The per-part AdamW groups (nvila_ft.train.tuning.param_groups) are built from the model the Trainer
@@ -88,7 +98,8 @@ class NvilaTrainer(WatchedTrainer):
         # wrapped the model (its parameters would be the pre-wrap ones).
         if self.optimizer is None and self.train_config is not None:
             t = self.train_config
-            groups = param_groups(model if model is not None else self.model, t)
+            # Unwrapped: FSDP (use_orig_params) prefixes the names with `_fsdp_wrapped_module.`.
+            groups = param_groups(Unwrapped(model if model is not None else self.model), t, self.param_ndims)
             self.optimizer = torch.optim.AdamW(
                 [{k: v for k, v in g.items() if k not in ("names", "name")} for g in groups], lr=t.lr,
                 weight_decay=t.weight_decay)
@@ -194,6 +205,8 @@ class TrainingRun:
         m, tune, train = self.recipe.model, self.recipe.tune, self.recipe.train
         dtype = DTYPES[m.dtype]
         quant = nf4_config(dtype) if tune.llm == "qlora" else None
+        if quant is not None and sharded_launch():  # FSDP / ZeRO-3 flatten the nf4 weights beside `dtype` ones
+            quant.bnb_4bit_quant_storage = dtype
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
         model = NvilaForConditionalGeneration.from_pretrained(
             m.path, dtype=dtype, attn_implementation=m.attn_implementation, llm_quantization_config=quant,
@@ -288,7 +301,8 @@ class TrainingRun:
     def build_trainer(self) -> NvilaTrainer:
         t = self.recipe.train
         args = self.training_arguments()
-        print(trainable_table(base_model(self.model), param_groups(self.model, t)), flush=True)
+        if is_main_process():
+            print(trainable_table(base_model(self.model), param_groups(self.model, t)), flush=True)
         # With load_best_model_at_end the Trainer reloads the best adapter, trained copies included (peft).
         callbacks = [LossCurve(self.output_dir, self.metric_name), LogAtSave()]
         if t.early_stopping_patience is not None:
@@ -306,6 +320,9 @@ class TrainingRun:
         )
         self.trainer.train_config = t  # the optimizer (per-part groups) is made in NvilaTrainer.create_optimizer
         self.trainer.dpo_config = self.recipe.dpo  # read by NvilaDPOTrainer only
+        if self.trainer.is_fsdp_enabled:  # mapped before the Trainer wraps the model (ShardedAdapterSaves)
+            self.trainer.adapter_sources = adapter_sources(self.model)
+            self.trainer.param_ndims = {n: p.ndim for n, p in self.model.named_parameters()}
         self.trainer.answer_metrics = self.answer_metrics if self.eval_samples else None
         self.trainer.write_card = self.write_model_card
         self.trainer.remove_callback(ProgressCallback)
@@ -341,8 +358,10 @@ class TrainingRun:
         e = self.recipe.eval
         if not self.eval_samples:
             return {}
-        metrics, rows = evaluate_samples(self.model, self.processor, self.eval_samples, self.metric,
-                                         e.max_new_tokens, e.batch_size)
+        # Each rank answers its slice; every rank gets all answers and the same metrics (one process: as before).
+        metrics, rows = sharded_evaluate(self.model, self.processor, self.eval_samples, self.metric,
+                                         e.max_new_tokens, e.batch_size,
+                                         model_wrapped=self.trainer.model_wrapped if self.trainer else None)
         if self.trainer is None or self.trainer.args.should_save:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / f"predictions_{tag}.jsonl", "w") as f:
@@ -355,21 +374,23 @@ class TrainingRun:
         A finished run in `train.output_dir` is reported and left as it is (returns its metrics.json); a
         `train.max_steps` below the steps trained there is a `RunStateError` (see :meth:`resume_plan`).
         """
+        quiet_other_ranks()  # under a launcher: logs, preflight reports and plans from rank 0 only
         plan = self.resume_plan()  # before anything is built, loaded or written
         if plan.finished is not None:
-            print(finished_message(self.recipe.train.output_dir, plan.finished), flush=True)
+            if is_main_process():
+                print(finished_message(self.recipe.train.output_dir, plan.finished), flush=True)
             return plan.finished
         self.bootstrap()
         check_budget(self.recipe, force=self.force)  # before any weight is loaded (nvila_ft.plan)
         self.load_model()
         self.load_data()
         self.build_trainer()
-        if self.trainer.args.should_save:
+        if self.trainer.args.should_save:  # rank 0 of a launch
             remove_stale(plan.stale)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
-        self.processor.save_pretrained(self.output_dir)
-        (self.output_dir / "run_info.json").write_text(json.dumps(run_info(self.recipe), indent=2))
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+            self.processor.save_pretrained(self.output_dir)
+            (self.output_dir / "run_info.json").write_text(json.dumps(run_info(self.recipe), indent=2))
         started = time.time()
         self._in_train = True
         try:
@@ -381,6 +402,8 @@ class TrainingRun:
                 self.trainer.state = TrainerState.load_from_json(os.path.join(plan.checkpoint, "trainer_state.json"))
                 this_call = {}
             else:
+                if plan.checkpoint and self.trainer.adapter_sources is not None:  # FSDP: before wrapping
+                    self.model.load_adapter(plan.checkpoint, adapter_name="default", is_trainable=True)
                 this_call = self.trainer.train(resume_from_checkpoint=plan.checkpoint).metrics
         finally:
             self._in_train = False

@@ -128,7 +128,8 @@ class DenseLog(ProgressCallback):
         self._t0 = time.time()
         done = state.global_step - getattr(self, "_last_step", 0)
         self._last_step = state.global_step
-        rate = done * args.per_device_train_batch_size * args.gradient_accumulation_steps / max(elapsed, 1e-9)
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size  # all ranks
+        rate = done * batch / max(elapsed, 1e-9)
         dpo = "".join(f" | {k.split('/')[1]} {logs[k]:.3f}" for k in ("rewards/margins", "rewards/accuracies")
                       if k in logs)  # preference runs (nvila_ft.train.preference)
         self._write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f}{dpo} | "
