@@ -142,6 +142,20 @@ def evaluate_samples(
         ValueError: a sample without a final answer to score against.
     """
     predictions = generate_answers(model, processor, samples, max_new_tokens, batch_size, progress)
+    return score_answers(samples, predictions, metric)
+
+
+def score_answers(samples: Sequence[dict], predictions: Sequence[str | None],
+                  metric: str | Callable = "vqa_rad") -> tuple[dict, list[dict]]:
+    """Scores answers given in sample order: the second half of :func:`evaluate_samples`, also used by
+    :func:`nvila_ft.train.distributed.sharded_evaluate` once the ranks' answers are gathered.
+
+    Returns:
+        (metrics, rows) as :func:`evaluate_samples`.
+
+    Raises:
+        ValueError: a sample without a final answer to score against.
+    """
     references = [references_of(s) for s in samples]
     if any(r is None for r in references):
         raise ValueError("evaluation needs a reference answer (final gpt turn) in every sample")

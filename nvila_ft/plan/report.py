@@ -2,6 +2,7 @@
 
     python -m nvila_ft.plan recipes/medical.yaml                      # table; fits 24 GiB?
     python -m nvila_ft.plan recipes/medical.yaml tune.llm=lora --gpu-memory 40 --json
+    python -m nvila_ft.plan recipes/medical.yaml --num-gpus 8 --strategy zero3   # one GPU of 8
 
 The model is built on PyTorch's `meta` device from the checkpoint's `config.json` (a local folder, or the
 configs shipped in `nvila_ft/model/configs/` for the official hub ids), the recipe's tuning is applied with the
@@ -81,6 +82,8 @@ class MemoryPlan:
     terms: list[Term]
     budget_bytes: int | None = None
     gradient_checkpointing: dict = field(default_factory=dict)
+    num_gpus: int = 1
+    strategy: str = "ddp"
 
     @property
     def total(self) -> int:
@@ -103,6 +106,7 @@ class MemoryPlan:
         return {
             "model": self.model, "source": self.source, "tune": self.tune, "sample": dataclasses.asdict(self.sample),
             "batch_size": self.batch_size, "gradient_checkpointing": self.gradient_checkpointing,
+            "num_gpus": self.num_gpus, "strategy": self.strategy,
             "parameters": [dataclasses.asdict(p) for p in self.parameters],
             "terms": [dataclasses.asdict(t) for t in self.terms],
             "total_bytes": self.total, "allocated_bytes": self.allocated, "total_gib": round(self.total / GiB, 3),
@@ -118,7 +122,8 @@ class MemoryPlan:
             f"memory plan: {self.model} ({self.source})",
             "tune: " + ", ".join(f"{k}={v}" for k, v in self.tune.items()),
             f"worst-case sample: {s.detail} -> vision tower {s.vision_tiles} tiles, {s.media_tokens} media tokens, "
-            f"LLM {s.llm_tokens} tokens; batch {self.batch_size}",
+            f"LLM {s.llm_tokens} tokens; batch {self.batch_size}"
+            + (f" per GPU; {self.num_gpus} GPUs, {self.strategy} (GiB per GPU)" if self.num_gpus > 1 else ""),
             "",
             f"{'parameters':<30}{'count':>14}{'GiB':>9}{'trainable':>14}",
         ]
@@ -157,7 +162,7 @@ def _parameters(path: str, dtype: str, tune: tuple, lora: tuple, mp: str):
 
 def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | None = None,
                 num_frames: int | None = None, temporal_pool: tuple[int, int, int] | None = None,
-                label_tokens: int | None = None) -> MemoryPlan:
+                label_tokens: int | None = None, num_gpus: int = 1, strategy: str = "ddp") -> MemoryPlan:
     """Predicts the peak GPU memory of training with `recipe`, without loading weights.
 
     Args:
@@ -168,6 +173,11 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
             and `model.temporal_pool` when the recipe has them); the worse sample counts.
         label_tokens: answer tokens per sample (labels != -100) for the logits/loss buffer; None: every
             text token of the sample (the bound for a sample of many turns).
+        num_gpus, strategy: price one GPU of `num_gpus` under `ddp`, `fsdp`, `zero2` or `zero3`
+            (:func:`nvila_ft.plan.sharding.shard_terms`); the default is one GPU.
+
+    Raises:
+        ValueError: `strategy` not one of ddp / fsdp / zero2 / zero3, or `num_gpus` < 1.
 
     Returns:
         :class:`MemoryPlan`. Peak = weights + gradients + optimizer states + autocast weight copies
@@ -276,12 +286,15 @@ def plan_recipe(recipe, gpu_memory_gb: float | None = None, text_tokens: int | N
     # The worst sample: every image tile count (text fills the rest), text only, and the video sample.
     sample, sample_specific = max(((c, sample_terms(c)) for c in samples), key=lambda x: sum(t.bytes for t in x[1]))
     terms += sample_specific
+    from nvila_ft.plan.sharding import shard_terms
+
+    terms = shard_terms(terms, num_gpus, strategy, tc.num_hidden_layers)  # one GPU of num_gpus (1: unchanged)
     terms.append(Term("cuda", "context + allocator allowance", CUDA_ALLOWANCE, "fixed"))
     budget = None if gpu_memory_gb is None else int(gpu_memory_gb * GiB)
     return MemoryPlan(
         model=m.path, source=source, tune={**tune.model_dump(), "lora_r": lora.r, "mixed_precision": mp},
         sample=sample, batch_size=batch, parameters=rows, terms=terms, budget_bytes=budget,
-        gradient_checkpointing=gc.model_dump())
+        gradient_checkpointing=gc.model_dump(), num_gpus=num_gpus, strategy=strategy)
 
 
 # ---------------------------------------------------------------------------------------------- budget
@@ -322,7 +335,7 @@ def fix_predictions(recipe, plan: MemoryPlan) -> list[tuple[str, float | None]]:
     for fix in candidate_fixes(recipe, plan):
         try:
             fixed = Recipe.model_validate(apply_overrides(data, [fix]))
-            out.append((fix, plan_recipe(fixed).total / GiB))
+            out.append((fix, plan_recipe(fixed, num_gpus=plan.num_gpus, strategy=plan.strategy).total / GiB))
         except (ValueError, FileNotFoundError):
             out.append((fix, None))
     return out
@@ -354,7 +367,8 @@ def check_budget(recipe, force: bool = False) -> MemoryPlan | None:
     """Training preflight: plans the run and refuses it when the prediction exceeds the budget.
 
     The budget is `train.gpu_memory_gb` (GiB) or, when null, the CUDA device's memory; with neither (a
-    CPU-only machine) the check is skipped and None returned.
+    CPU-only machine) the check is skipped and None returned. Under a launcher the plan is per GPU of the
+    launch (`WORLD_SIZE` GPUs, the strategy of the accelerate config: :func:`nvila_ft.plan.sharding.launch_layout`).
 
     Raises:
         MemoryBudgetError: predicted peak > budget and not `force`; the message lists the largest terms
@@ -366,7 +380,10 @@ def check_budget(recipe, force: bool = False) -> MemoryPlan | None:
     if budget is None:
         logger.info("memory check skipped: no CUDA device and train.gpu_memory_gb is null")
         return None
-    plan = plan_recipe(recipe, gpu_memory_gb=budget)
+    from nvila_ft.plan.sharding import launch_layout
+
+    num_gpus, strategy = launch_layout()  # under accelerate launch / torchrun: one GPU of the launch
+    plan = plan_recipe(recipe, gpu_memory_gb=budget, num_gpus=num_gpus, strategy=strategy)
     logger.info("memory plan: predicted peak %.1f GiB of %.1f GiB (%s)", plan.total / GiB, budget,
                 ", ".join(f"{t.name} {t.bytes / GiB:.1f}" for t in plan.largest(3)))
     if not plan.fits:
@@ -401,12 +418,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", action="store_true", help="fit check: run real training steps with random "
                         "weights on this machine's GPU (nothing downloaded), measured peak beside the plan")
     parser.add_argument("--steps", type=int, default=3, help="--measure: timed steps after one warm-up step")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="price one GPU of N (all nodes' GPUs; see recipes/accelerate/)")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp", "zero2", "zero3"), default="ddp",
+                        help="how N GPUs share the model: ddp (whole copies), fsdp / zero3 (all sharded), "
+                        "zero2 (gradients and optimizer sharded)")
     args = parser.parse_intermixed_args(argv)  # options before or after the overrides
     logging.basicConfig(level=logging.WARNING)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         budget = args.gpu_memory or recipe.train.gpu_memory_gb or device_memory_gb() or 24.0
-        plan = plan_recipe(recipe, gpu_memory_gb=budget, text_tokens=args.text_tokens, label_tokens=args.label_tokens)
+        plan = plan_recipe(recipe, gpu_memory_gb=budget, text_tokens=args.text_tokens, label_tokens=args.label_tokens,
+                           num_gpus=args.num_gpus, strategy=args.strategy)
     except (RecipeError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nvila_ft.train", description=__doc__.split("\n\n")[0],
         epilog="Example: accelerate launch --config_file recipes/accelerate/single_process.yaml -m nvila_ft.train "
-               "recipes/medical.yaml train.max_steps=100 lora.r=16\n(recipes/accelerate/multi_gpu.yaml: every GPU)",
+               "recipes/medical.yaml train.max_steps=100 lora.r=16\n(recipes/accelerate/: multi_gpu.yaml every GPU, DDP; "
+               "fsdp.yaml, zero2.yaml, zero3.yaml sharded; multi_node.yaml)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")

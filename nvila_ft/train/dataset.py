@@ -4,6 +4,7 @@ recipe's preflight (`check_samples`); rows that fail at train time are left out 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 
 import torch
@@ -14,6 +15,7 @@ from nvila_ft.data import VideoCheck, load_split, preflight
 from nvila_ft.data.grouping import GroupCollator, media_key, repeats_media, sharing_summary
 from nvila_ft.model.media import expanded_length
 from nvila_ft.model.processing import NvilaProcessor
+from nvila_ft.train.distributed import is_main_process
 from nvila_ft.train.recipe import Recipe
 
 logger = logging.getLogger("nvila_ft.train")
@@ -138,6 +140,30 @@ class GroupedDataset(SupervisedDataset):
         return self._with_bad_rows(features, self.collator(good) if good else None)
 
 
+def resolve_grouping(recipe: Recipe, samples: list[dict], attn_implementation: str) -> tuple[bool, bool]:
+    """(share_prefix, packing) as a run trains them. `data.share_prefix: auto` is on when the train rows repeat
+    their media and an optimizer step has more than one answer; both need a custom 4D attention mask, which
+    flash-attention cannot take (then off, with a notice). Preference pairs (`train.objective: dpo`) are never
+    grouped: chosen and rejected already share their media in one forward."""
+    d, t = recipe.data, recipe.train
+    if t.objective != "sft":
+        return False, False
+    several = t.per_device_train_batch_size * t.gradient_accumulation_steps > 1  # else nothing to share
+    share = several and repeats_media(samples) if d.share_prefix == "auto" else bool(d.share_prefix)
+    if (share or d.packing) and attn_implementation not in ("sdpa", "eager"):
+        logger.warning("data.share_prefix / data.packing need sdpa or eager attention (%s cannot take their "
+                       "attention mask): training one row per sequence", attn_implementation)
+        return False, False
+    if (share or d.packing) and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        # DeepSpeed reduces gradients at every backward it is not told to accumulate, and a grouped step runs as
+        # many backwards as its groups fill (a different count per rank): ranks would wait on each other.
+        logger.warning("data.share_prefix / data.packing are not used under DeepSpeed: training one row per sequence")
+        return False, False
+    if (share or d.packing) and t.group_by_length:
+        logger.info("train.group_by_length is not used: shared prefixes / packing group each step's rows")
+    return share, d.packing
+
+
 def prepare_data(recipe: Recipe, processor: NvilaProcessor, split: str, max_samples: int | None) -> list[dict]:
     """Loads one split and runs the preflight (all rows checked, bad rows reported with file and index)."""
     return check_samples(recipe, processor, load_split(recipe.data, split, max_samples), split)
@@ -153,7 +179,7 @@ def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict]
                                        seed=recipe.train.seed, cache_dir=d.video_cache_dir,
                                        tokens_fn=processor.count_video_tokens)
     report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=lambda s: expanded_tokens(processor, s),
-                       max_length=processor.max_length, video_check=video_check)
+                       max_length=processor.max_length, video_check=video_check, progress=is_main_process())
     lines = report.summary().splitlines()
     logger.info("%s split: %s", split, lines[0])
     video_lines = [line for line in lines if line.startswith("video rows:")]

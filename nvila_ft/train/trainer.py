@@ -12,6 +12,7 @@ Steps: recipe -> checkpoint (hub id, folder or demo:<name>) -> data + preflight 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,8 +26,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
 from nvila_ft.data import load_split
-from nvila_ft.data.grouping import GroupCollator, plan_micro_batches, repeats_media
-from nvila_ft.evaluate import evaluate_samples
+from nvila_ft.data.grouping import GroupCollator, plan_micro_batches
 from nvila_ft.metrics import PRIMARY
 from nvila_ft.model.checkpoint import DTYPES, nf4_config
 from nvila_ft.model.configuration import IGNORE_INDEX
@@ -55,6 +55,16 @@ from nvila_ft.train.dataset import (  # noqa: F401 - SupervisedDataset, check_sa
     SupervisedDataset,
     check_samples,
     prepare_data,
+    resolve_grouping,
+)
+from nvila_ft.train.distributed import (
+    ShardedAdapterSaves,
+    Unwrapped,
+    adapter_sources,
+    is_main_process,
+    quiet_other_ranks,
+    sharded_evaluate,
+    sharded_launch,
 )
 from nvila_ft.train.recipe import Recipe
 from nvila_ft.train.recipe_io import recipe_to_yaml, run_info
@@ -71,14 +81,15 @@ from nvila_ft.train.watch import DenseLog, LossCurve, WatchedTrainer, summary_li
 logger = logging.getLogger("nvila_ft.train")
 
 # ---------------------------------------------------------------------------------------------- trainer
-class NvilaTrainer(WatchedTrainer):
+class NvilaTrainer(ShardedAdapterSaves, WatchedTrainer):
     """`transformers.Trainer` (eval answers and the best-checkpoint choice from `WatchedTrainer`) with short overrides.
 
     The model is a `PeftModel` whose adapter holds the LoRA weights and the copies of the parts trained in full
     (peft `modules_to_save`, see :func:`nvila_ft.train.tuning.apply_tuning`), so Trainer's own PEFT save and
     resume cover everything the recipe trains. Overridden: checkpoints are staged and renamed into place
     (`_save_checkpoint`, `_get_output_dir`), and rows that failed to encode are counted (`training_step`) or
-    left out of an evaluation batch (`prediction_step`).
+    left out of an evaluation batch (`prediction_step`). Under FSDP the adapter is saved and resumed by
+    :class:`~nvila_ft.train.distributed.ShardedAdapterSaves`.
 
     Shared prefixes and packing (`data.share_prefix`, `data.packing`): an input `{"micro_batches": [...]}` (one
     optimizer step of `per_device_train_batch_size x gradient_accumulation_steps` answers, from
@@ -90,6 +101,7 @@ class NvilaTrainer(WatchedTrainer):
     _staging: str | None = None
     _bad_rows_seen: set | None = None
     train_config = None  # the recipe's `train` section (learning rates per part), set by TrainingRun
+    param_ndims: dict[str, int] | None = None  # FSDP: dimensions before flattening, set by TrainingRun
 
     def create_optimizer(self, model=None):
         # The per-part AdamW groups (nvila_ft.train.tuning.param_groups) are built from the model the Trainer
@@ -97,7 +109,8 @@ class NvilaTrainer(WatchedTrainer):
         # wrapped the model (its parameters would be the pre-wrap ones).
         if self.optimizer is None and self.train_config is not None:
             t = self.train_config
-            groups = param_groups(model if model is not None else self.model, t)
+            # Unwrapped: FSDP (use_orig_params) prefixes the names with `_fsdp_wrapped_module.`.
+            groups = param_groups(Unwrapped(model if model is not None else self.model), t, self.param_ndims)
             self.optimizer = torch.optim.AdamW(
                 [{k: v for k, v in g.items() if k not in ("names", "name")} for g in groups], lr=t.lr,
                 weight_decay=t.weight_decay)
@@ -142,7 +155,11 @@ class NvilaTrainer(WatchedTrainer):
         if parts is not None:
             total = sum(int((p["labels"][:, 1:] != IGNORE_INDEX).sum()) for p in parts)
             total = torch.tensor(max(total, 1), device=self.args.device)
-            return sum(super(NvilaTrainer, self).training_step(model, p, total) for p in parts)
+            losses = []
+            for k, part in enumerate(parts):  # gradients synchronised once, at the step's last backward (DDP, FSDP)
+                with self.accelerator.no_sync(model) if k < len(parts) - 1 else contextlib.nullcontext():
+                    losses.append(super().training_step(model, part, total))
+            return sum(losses)
         if inputs["input_ids"].shape[0] == 0:
             return torch.zeros((), device=self.args.device)
         return super().training_step(model, inputs, num_items_in_batch)
@@ -208,6 +225,8 @@ class TrainingRun:
         m, tune, train = self.recipe.model, self.recipe.tune, self.recipe.train
         dtype = DTYPES[m.dtype]
         quant = nf4_config(dtype) if tune.llm == "qlora" else None
+        if quant is not None and sharded_launch():  # FSDP / ZeRO-3 flatten the nf4 weights beside `dtype` ones
+            quant.bnb_4bit_quant_storage = dtype
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
         model = NvilaForConditionalGeneration.from_pretrained(
             m.path, dtype=dtype, attn_implementation=m.attn_implementation, llm_quantization_config=quant,
@@ -305,7 +324,8 @@ class TrainingRun:
     def build_trainer(self) -> NvilaTrainer:
         t = self.recipe.train
         args = self.training_arguments()
-        print(trainable_table(base_model(self.model), param_groups(self.model, t)), flush=True)
+        if is_main_process():
+            print(trainable_table(base_model(self.model), param_groups(self.model, t)), flush=True)
         # With load_best_model_at_end the Trainer reloads the best adapter, trained copies included (peft).
         callbacks = [LossCurve(self.output_dir, self.metric_name), LogAtSave()]
         if t.early_stopping_patience is not None:
@@ -330,6 +350,9 @@ class TrainingRun:
         )
         self.trainer.train_config = t  # the optimizer (per-part groups) is made in NvilaTrainer.create_optimizer
         self.trainer.dpo_config = self.recipe.dpo  # read by NvilaDPOTrainer only
+        if self.trainer.is_fsdp_enabled:  # mapped before the Trainer wraps the model (ShardedAdapterSaves)
+            self.trainer.adapter_sources = adapter_sources(self.model)
+            self.trainer.param_ndims = {n: p.ndim for n, p in self.model.named_parameters()}
         self.trainer.answer_metrics = self.answer_metrics if self.eval_samples else None
         self.trainer.write_card = self.write_model_card
         self.trainer.remove_callback(ProgressCallback)
@@ -340,26 +363,10 @@ class TrainingRun:
         return self.trainer
 
     def grouping(self) -> tuple[bool, bool]:
-        """(share_prefix, packing) as this run trains them. `data.share_prefix: auto` is on when train rows repeat
-        their media and an optimizer step has more than one answer; both need a custom 4D attention mask, which
-        flash-attention cannot take (then off, with a notice)."""
-        d, t = self.recipe.data, self.recipe.train
-        if t.objective != "sft":  # preference pairs: chosen and rejected already share their media in one forward
-            return False, False
+        """(share_prefix, packing) as this run trains them (:func:`nvila_ft.train.dataset.resolve_grouping`)."""
         if getattr(self, "_grouping", None) is None:
-            several = t.per_device_train_batch_size * t.gradient_accumulation_steps > 1  # else nothing to share
-            auto = several and repeats_media(self.train_samples)
-            share = auto if d.share_prefix == "auto" else bool(d.share_prefix)
             attn = getattr(base_model(self.model).llm.config, "_attn_implementation", "sdpa")
-            if (share or d.packing) and attn not in ("sdpa", "eager"):
-                logger.warning("data.share_prefix / data.packing need sdpa or eager attention (%s cannot take their "
-                               "attention mask): training one row per sequence", attn)
-                share, packing = False, False
-            else:
-                packing = d.packing
-            if (share or packing) and t.group_by_length:
-                logger.info("train.group_by_length is not used: shared prefixes / packing group each step's rows")
-            self._grouping = (share, packing)
+            self._grouping = resolve_grouping(self.recipe, self.train_samples, attn)
         return self._grouping
 
     # -- run
@@ -388,8 +395,10 @@ class TrainingRun:
         e = self.recipe.eval
         if not self.eval_samples:
             return {}
-        metrics, rows = evaluate_samples(self.model, self.processor, self.eval_samples, self.metric,
-                                         e.max_new_tokens, e.batch_size)
+        # Each rank answers its slice; every rank gets all answers and the same metrics (one process: as before).
+        metrics, rows = sharded_evaluate(self.model, self.processor, self.eval_samples, self.metric,
+                                         e.max_new_tokens, e.batch_size,
+                                         model_wrapped=self.trainer.model_wrapped if self.trainer else None)
         if self.trainer is None or self.trainer.args.should_save:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / f"predictions_{tag}.jsonl", "w") as f:
@@ -402,21 +411,23 @@ class TrainingRun:
         A finished run in `train.output_dir` is reported and left as it is (returns its metrics.json); a
         `train.max_steps` below the steps trained there is a `RunStateError` (see :meth:`resume_plan`).
         """
+        quiet_other_ranks()  # under a launcher: logs, preflight reports and plans from rank 0 only
         plan = self.resume_plan()  # before anything is built, loaded or written
         if plan.finished is not None:
-            print(finished_message(self.recipe.train.output_dir, plan.finished), flush=True)
+            if is_main_process():
+                print(finished_message(self.recipe.train.output_dir, plan.finished), flush=True)
             return plan.finished
         self.bootstrap()
         check_budget(self.recipe, force=self.force)  # before any weight is loaded (nvila_ft.plan)
         self.load_model()
         self.load_data()
         self.build_trainer()
-        if self.trainer.args.should_save:
+        if self.trainer.args.should_save:  # rank 0 of a launch
             remove_stale(plan.stale)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
-        self.processor.save_pretrained(self.output_dir)
-        (self.output_dir / "run_info.json").write_text(json.dumps(run_info(self.recipe), indent=2))
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+            self.processor.save_pretrained(self.output_dir)
+            (self.output_dir / "run_info.json").write_text(json.dumps(run_info(self.recipe), indent=2))
         started = time.time()
         self._in_train = True
         try:
@@ -428,6 +439,8 @@ class TrainingRun:
                 self.trainer.state = TrainerState.load_from_json(os.path.join(plan.checkpoint, "trainer_state.json"))
                 this_call = {}
             else:
+                if plan.checkpoint and self.trainer.adapter_sources is not None:  # FSDP: before wrapping
+                    self.model.load_adapter(plan.checkpoint, adapter_name="default", is_trainable=True)
                 this_call = self.trainer.train(resume_from_checkpoint=plan.checkpoint).metrics
         finally:
             self._in_train = False

@@ -206,23 +206,24 @@ def part_of(name: str) -> str:
     return official_name(name).split(".")[0]
 
 
-def _no_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+def _no_decay(name: str, ndim: int) -> bool:
+    return ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
-def param_groups(model: nn.Module, train) -> list[dict]:
+def param_groups(model: nn.Module, train, ndims: dict[str, int] | None = None) -> list[dict]:
     """Optimizer groups: (part x decay/no-decay), each with its learning rate.
 
     LLM: `train.lr`; vision tower: `train.lr / train.vision_lr_ratio` (paper: 5-50x lower than the LLM);
     projector: `train.mm_projector_lr` (default `train.lr`). Norms and biases get no weight decay.
-    Each group carries `name` for the start-up table.
+    Each group carries `name` for the start-up table. `ndims`: {name: dimensions} recorded before FSDP
+    flattened the parameters (its views are 1-D), for the norm/bias rule; None: the parameters' own.
     """
     lrs = train.lr_per_part
     groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part, nd = part_of(name), _no_decay(name, p)
+        part, nd = part_of(name), _no_decay(name, p.ndim if ndims is None else ndims.get(name, p.ndim))
         g = groups.setdefault((part, nd), {
             "params": [], "names": [], "lr": lrs[part], "weight_decay": 0.0 if nd else train.weight_decay,
             "name": f"{part}{' (no decay)' if nd else ''}",

@@ -136,7 +136,7 @@ class DenseLog(ProgressCallback):
         done = state.global_step - getattr(self, "_last_step", 0)
         self._last_step = state.global_step
         rows = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.rows_per_item
-        rate = done * rows / max(elapsed, 1e-9)
+        rate = done * rows * args.world_size / max(elapsed, 1e-9)  # all ranks
         dpo = "".join(f" | {k.split('/')[1]} {logs[k]:.3f}" for k in ("rewards/margins", "rewards/accuracies")
                       if k in logs)  # preference runs (nvila_ft.train.preference)
         self._write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f}{dpo} | "
