@@ -52,7 +52,7 @@ def test_demo_paths_build_once_into_the_demo_dir(demo_dir, monkeypatch, tiny_ass
 
 
 def test_bad_demo_paths_are_one_line_errors_before_any_load(monkeypatch, capsys):
-    with pytest.raises(RecipeError, match="'demo:nope' is not a demo data set; choose one of demo:medical, demo:video"):
+    with pytest.raises(RecipeError, match="'demo:nope' is not a demo data set; choose one of demo:medical, demo:medical-pairs, demo:video"):
         load_recipe(QUICKSTART, ["data.path=demo:nope"])
     with pytest.raises(RecipeError, match="not a demo checkpoint; choose one of demo:tiny-nvila, demo:tiny-nvila-lite"):
         load_recipe(QUICKSTART, ["model.path=demo:medical"])
@@ -91,7 +91,7 @@ def test_pydicom_is_only_in_the_demo_extra_and_dev_covers_it():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {dep.split(">")[0].split("=")[0].split("<")[0] for dep in project["dependencies"]}
-    assert not names & {"pydicom", "scikit-video", "rich", "trl"}
+    assert not names & {"pydicom", "scikit-video", "rich"}  # trl is used (DPO, nvila_ft.train.preference)
     extras = {k: {d.split(">")[0] for d in v} for k, v in project["optional-dependencies"].items()}
     assert extras["demo"] == {"pydicom", "scikit-video"} and extras["demo"] <= extras["dev"]
     assert ('pip install -e ".[demo]" && accelerate launch --config_file recipes/accelerate/single_process.yaml '
