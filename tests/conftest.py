@@ -102,6 +102,32 @@ def tiny_assets(tmp_path_factory):
     )
 
 
+def load_tuned(assets, *overrides: str):
+    """A model as training loads it (`TrainingRun.load_model`: tuning applied, trainables fp32 under mixed
+    precision) in train mode, dropout off so two forwards compute the same, and its processor.
+
+    assets: (folder, tiny checkpoint); the quickstart recipe with `model.image_aspect_ratio=resize` + `overrides`.
+    """
+    from nvila_ft.train.recipe_io import load_recipe
+    from nvila_ft.train.trainer import TrainingRun
+
+    root, ckpt = assets
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml",
+                         [f"model.path={ckpt}", f"data.path={root / 'data'}", f"train.output_dir={root / 'out'}",
+                          "lora.dropout=0", "model.image_aspect_ratio=resize", *overrides])
+    model, processor = TrainingRun(recipe).load_model()
+    return model.train(), processor
+
+
+def noise_image(seed: int, size: tuple[int, int] = (56, 40)):
+    """A seeded random RGB PIL image, (width, height) = `size`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
 def train_tiny_run(assets, out, *overrides: str):
     """Trains the quickstart recipe on the tiny assets into `out` (3 steps); returns the TrainingRun."""
     from pathlib import Path

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import load_tuned, noise_image
 
 from nvila_ft.data.grouping import (
     collate_units,
@@ -26,8 +25,6 @@ from nvila_ft.train.recipe_io import load_recipe
 from nvila_ft.train.trainer import TrainingRun
 from nvila_ft.train.tuning import base_model
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -37,15 +34,6 @@ def assets(tmp_path_factory):
     return root, build_tiny_checkpoint(root / "tiny-nvila", variant="nvila", seed=0)
 
 
-def load(assets, *overrides: str):
-    """A model as training loads it (tuning applied, fp32), dropout off so two forwards compute the same."""
-    root, ckpt = assets
-    recipe = load_recipe(QUICKSTART, [f"model.path={ckpt}", f"data.path={root / 'data'}",
-                                      f"train.output_dir={root / 'out'}", "lora.dropout=0",
-                                      "model.image_aspect_ratio=resize", *overrides])
-    model, processor = TrainingRun(recipe).load_model()
-    return model.train(), processor
-
 
 def loss_and_grads(model, compute):
     model.zero_grad(set_to_none=True)
@@ -53,10 +41,6 @@ def loss_and_grads(model, compute):
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-
-def noise_image(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
 
 
 def vqa_rows() -> list[dict]:
@@ -78,7 +62,7 @@ def media_ids(processor) -> list[int]:
 
 @pytest.mark.parametrize("packing", [False, True], ids=["shared", "shared+packed"])
 def test_shared_prefix_loss_and_gradients_equal_the_separate_single_turn_samples(assets, packing):
-    model, processor = load(assets, "tune.llm=lora", "tune.vision_tower=layernorm")
+    model, processor = load_tuned(assets, "tune.llm=lora", "tune.vision_tower=layernorm")
     encoded = encode(processor, vqa_rows())
     separate = processor.collate(encoded)
     units = make_units(encoded, processor.max_length, **processor_token_ids(processor))
@@ -98,7 +82,7 @@ def test_shared_prefix_loss_and_gradients_equal_the_separate_single_turn_samples
 
 
 def test_packing_plain_samples_equals_the_padded_batch(assets):
-    model, processor = load(assets, "tune.llm=lora")
+    model, processor = load_tuned(assets, "tune.llm=lora")
     encoded = encode(processor, vqa_rows())
     units = make_units(encoded, processor.max_length, share_prefix=False, **processor_token_ids(processor))
     assert [u.branches for u in units] == [1, 1, 1, 1]
@@ -112,7 +96,7 @@ def test_packing_plain_samples_equals_the_padded_batch(assets):
 
 
 def test_groups_are_split_to_fit_max_length_never_truncated(assets):
-    model, processor = load(assets, "tune.llm=lora")
+    model, processor = load_tuned(assets, "tune.llm=lora")
     nvila = base_model(model)
     encoded = encode(processor, vqa_rows())
     whole = make_units(encoded, 10**6, **processor_token_ids(processor))[0]

@@ -7,20 +7,13 @@ transformers' `ForCausalLMLoss`) on the same spliced embeddings.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import load_tuned, noise_image
 
 from nvila_ft.demo.tiny import build_tiny_checkpoint
 from nvila_ft.model.configuration import IGNORE_INDEX
-from nvila_ft.train.recipe_io import load_recipe
-from nvila_ft.train.trainer import TrainingRun
 from nvila_ft.train.tuning import base_model
-
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,20 +24,6 @@ def assets(tmp_path_factory):
     return root, build_tiny_checkpoint(root / "tiny-nvila", variant="nvila", seed=0)
 
 
-def load(assets, *overrides: str):
-    """A model as training loads it (tuning applied), dropout off so two forwards compute the same."""
-    root, ckpt = assets
-    recipe = load_recipe(QUICKSTART, [f"model.path={ckpt}", f"data.path={root / 'data'}",
-                                      f"train.output_dir={root / 'out'}", "lora.dropout=0",
-                                      "model.image_aspect_ratio=resize", *overrides])
-    run = TrainingRun(recipe)
-    model, processor = run.load_model()
-    return model.train(), processor
-
-
-def noise_image(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
 
 
 def batch_of(processor) -> dict:
@@ -78,7 +57,7 @@ def reference(nvila, batch, **kwargs):
 
 @pytest.mark.parametrize("overrides", [("tune.llm=full",), ("tune.llm=lora",)], ids=["full", "peft-lora"])
 def test_label_only_loss_and_gradients_match_the_full_head(assets, overrides):
-    model, processor = load(assets, *overrides)
+    model, processor = load_tuned(assets, *overrides)
     nvila = base_model(model)
     batch = batch_of(processor)
     assert batch["attention_mask"].sum(1).unique().numel() == 3  # three lengths: padding in the batch
@@ -102,7 +81,7 @@ def test_label_only_loss_and_gradients_match_the_full_head(assets, overrides):
 
 
 def test_num_items_in_batch_divides_the_summed_loss_as_transformers_does(assets):
-    model, processor = load(assets, "tune.llm=lora")
+    model, processor = load_tuned(assets, "tune.llm=lora")
     batch = batch_of(processor)
     n = torch.tensor(57)  # the Trainer's count over all accumulated micro-batches
     with torch.no_grad():
@@ -114,7 +93,7 @@ def test_num_items_in_batch_divides_the_summed_loss_as_transformers_does(assets)
 
 
 def test_eval_mode_keeps_the_full_logits(assets):
-    model, processor = load(assets, "tune.llm=lora")
+    model, processor = load_tuned(assets, "tune.llm=lora")
     batch = batch_of(processor)
     model.eval()
     with torch.no_grad():
@@ -128,7 +107,7 @@ def test_eval_mode_keeps_the_full_logits(assets):
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 def test_qlora_keeps_the_frozen_llm_weights_in_the_compute_dtype(assets, mixed_precision):
     """peft's kbit preparation upcasts every non-4-bit LLM weight to fp32; the frozen ones go back to bf16."""
-    model, processor = load(assets, "tune.llm=qlora", "model.dtype=bfloat16",
+    model, processor = load_tuned(assets, "tune.llm=qlora", "model.dtype=bfloat16",
                             f"train.mixed_precision={mixed_precision}")
     llm = base_model(model).llm
     frozen = {n: p.dtype for n, p in llm.named_parameters() if not p.requires_grad and p.is_floating_point()}
@@ -150,7 +129,7 @@ def test_qlora_keeps_the_frozen_llm_weights_in_the_compute_dtype(assets, mixed_p
 
 def test_only_label_rows_of_vocab_width_are_kept_for_backward(assets):
     """What the planner's logits/loss term prices: autograd keeps fp32 log-probs for the label rows only."""
-    model, processor = load(assets, "tune.llm=lora")
+    model, processor = load_tuned(assets, "tune.llm=lora")
     batch = batch_of(processor)
     vocab = base_model(model).llm.config.vocab_size
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # lm_head's (transposed) weight
@@ -210,7 +189,7 @@ def test_fused_path_gives_the_label_only_loss_and_gradients(assets, monkeypatch,
     """The wiring of the fused path (targets, reduction, num_items_in_batch) with a pure-torch fused function."""
     import nvila_ft.model.loss as modeling
 
-    model, processor = load(assets, "tune.llm=full")
+    model, processor = load_tuned(assets, "tune.llm=full")
     batch = batch_of(processor)
     kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
     plain, plain_grads = loss_and_grads(model, lambda: model(**batch, **kwargs).loss)
