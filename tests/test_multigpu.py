@@ -43,12 +43,13 @@ def paths(assets, out) -> list[str]:
     return [f"model.path={assets.model}", f"data.path={assets.data}", f"train.output_dir={out}"]
 
 
-def launch(args: list[str], overrides: list[str], program: tuple[str, ...] = ("-m", "nvila_ft.train")) -> str:
-    """`accelerate launch ARGS --num_processes 2 PROGRAM recipes/quickstart.yaml OVERRIDES`; stdout + stderr."""
+def launch(args: list[str], overrides: list[str], program: tuple[str, ...] = ("-m", "nvila_ft.train"),
+           recipe: str = "quickstart.yaml") -> str:
+    """`accelerate launch ARGS --num_processes 2 PROGRAM recipes/RECIPE OVERRIDES`; stdout + stderr."""
     port = str(29500 + os.getpid() % 1000)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     cmd = [str(ACCELERATE), "launch", *args, "--num_processes", "2", "--main_process_port", port,
-           *program, str(ROOT / "recipes" / "quickstart.yaml"), *overrides]
+           *program, str(ROOT / "recipes" / recipe), *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
@@ -157,6 +158,28 @@ def test_shared_prefix_steps_under_ddp_synchronise_once_per_step(tiny_assets, tm
                   "train.gradient_accumulation_steps=3", "data.share_prefix=true", "eval.enabled=false"])
     assert re.findall(r"step (\d+)/\d+ \| loss", log.replace("\r", "\n")) == [str(i) for i in range(1, STEPS + 1)]
     assert all(loss == loss and loss > 0 for loss in losses(out))  # finite: every step trained
+
+
+def test_dpo_with_two_ranks_at_batch_1_matches_one_process_at_batch_2(tiny_assets, tmp_path, one_thread):
+    # The policy and reference log-probs go through the wrapped model's forward (answer_logprob_fn), so DDP
+    # synchronises the DPO gradients: two ranks at one pair each train what one process does with two pairs.
+    from nvila_ft.demo.pairs import build_preference_dataset
+    from nvila_ft.train.recipe_io import load_recipe
+    from nvila_ft.train.trainer import TrainingRun
+
+    pairs = build_preference_dataset(tmp_path / "pairs", source=tiny_assets.data)
+    common = [f"model.path={tiny_assets.model}", f"data.path={pairs}", "model.image_aspect_ratio=resize",
+              "lora.dropout=0", "train.lr=1e-2", "train.weight_decay=0.1", f"train.max_steps={STEPS}",
+              f"train.save_steps={STEPS}", "train.logging_steps=1", "train.report_to=[]", "train.seed=0",
+              "train.group_by_length=false", "data.max_train_samples=6", "eval.enabled=false"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    TrainingRun(load_recipe(ROOT / "recipes" / "preference.yaml",
+                            [*common, f"train.output_dir={one}", "train.per_device_train_batch_size=2"])).run()
+    launch(["--config_file", str(CONFIGS / "multi_gpu.yaml")],
+           [*common, f"train.output_dir={two}", "train.per_device_train_batch_size=1"], recipe="preference.yaml")
+    assert len(losses(two)) == STEPS
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert_same_trainables(trainables(two), trainables(one))
 
 
 # ---------------------------------------------------------------------------------------------- FSDP

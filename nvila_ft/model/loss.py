@@ -1,9 +1,12 @@
-"""The training loss's optional GPU kernel: Liger's fused linear cross-entropy (extra `liger`).
+"""Losses at the labelled positions only: the SFT cross-entropy (with Liger's fused linear cross-entropy as
+the optional GPU kernel, extra `liger`) and the per-row answer log-probabilities preference tuning needs.
 
     pip install nvila-ft[liger]     # CUDA machines; the label-only loss (`_label_only_loss`) runs elsewhere
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -30,6 +33,26 @@ def label_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     if num_items_in_batch is not None:
         loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
     return loss, None
+
+
+def answer_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                 logprob_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each row's labelled tokens, with `head` applied only at those positions.
+
+    Args:
+        head: `lm_head`; hidden: (B, L', H) the decoder's last hidden states; labels: (B, L') int64 (-100: none),
+            position p + 1's label scored from position p (causal shift).
+        logprob_fn: (logits (N, vocab) fp32, targets (N,) int64) -> (N,) log-probabilities of the targets, e.g.
+            trl's `selective_log_softmax` (what preference tuning passes).
+
+    Returns:
+        logps (B,) fp32, the sum over each row's labelled tokens, and tokens (B,) int64, their count.
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100
+    token = logprob_fn(head(hidden[:, :-1][keep]).float(), targets[keep])
+    logps = torch.zeros(labels.shape[0], device=token.device).index_add(0, keep.nonzero()[:, 0], token)
+    return logps, keep.sum(dim=1)
 
 
 def fused_linear_cross_entropy(head: nn.Module, hidden: torch.Tensor):

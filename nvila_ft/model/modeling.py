@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +21,12 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, SiglipVisionMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from nvila_ft.model.attention import compute_dtype, segment_attention
+from nvila_ft.model.chat import GenerateContentMixin
 from nvila_ft.model.checkpoint import load_official, save_official
 from nvila_ft.model.configuration import IGNORE_INDEX, NvilaConfig, vision_layers_run
-from nvila_ft.model.loss import label_loss
+from nvila_ft.model.loss import answer_logps, label_loss
 from nvila_ft.model.media import segment_skip_ids, skip_leading
 from nvila_ft.model.multiscale import merge_tiles, split_blocks
-from nvila_ft.model.processing import NvilaProcessor
 from nvila_ft.model.projector import MultimodalProjector
 from nvila_ft.model.video import PoolSize, pool_frames
 
@@ -46,7 +46,7 @@ def _compute_param(module: nn.Module) -> torch.Tensor:
     return first
 
 
-class NvilaForConditionalGeneration(PreTrainedModel):
+class NvilaForConditionalGeneration(GenerateContentMixin, PreTrainedModel):
     """NVILA / NVILA-Lite vision-language model.
 
     Parts, named as NVILA names them: `vision_tower` (`transformers.SiglipVisionModel`), `mm_projector`
@@ -389,8 +389,9 @@ class NvilaForConditionalGeneration(PreTrainedModel):
         video_frames: Sequence[int] | torch.Tensor | None = None,
         pool_sizes: Sequence[PoolSize] | torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        answer_logprob_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple[torch.Tensor, torch.Tensor]:
         """Loss and logits of a (batch of) conversation(s) with images.
 
         Args:
@@ -405,6 +406,9 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             segment_ids: (B, L, 2) int64 pack / branch per token (`nvila_ft.data.grouping`): the LLM then gets the
                 4D mask and position_ids of `attention.segment_attention` (sdpa or eager attention only).
 
+            answer_logprob_fn: given, the forward returns (logps (B,) fp32, tokens (B,)) of each row's labelled
+                tokens instead, `lm_head` at those rows only (:func:`nvila_ft.model.loss.answer_logps`, which
+                takes this function; preference tuning).
             **kwargs: passed to the LLM (`output_hidden_states`, `num_items_in_batch` from the Trainer, ...).
 
         Returns:
@@ -421,6 +425,9 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             segment_ids = segments[0] if segments else None
         if segment_ids is not None:
             attention_mask, kwargs["position_ids"] = segment_attention(segment_ids, compute_dtype(inputs_embeds))
+        if answer_logprob_fn is not None:  # through forward, so that DDP / FSDP wrappers see the pass
+            hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+            return answer_logps(self.llm.get_output_embeddings(), hidden.last_hidden_state, labels, answer_logprob_fn)
         if labels is not None and self.training:
             return self._label_only_loss(inputs_embeds, attention_mask, labels, **kwargs)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -481,40 +488,3 @@ class NvilaForConditionalGeneration(PreTrainedModel):
             generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
             generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
-
-    @torch.no_grad()
-    def generate_content(
-        self,
-        prompt: str,
-        images: Sequence = (),
-        videos: Sequence = (),
-        num_video_frames: int | None = None,
-        video_fps: float | None = None,
-        temporal_pool: Sequence[int] | None = None,
-        max_new_tokens: int = 64,
-        **generate_kwargs,
-    ) -> str:
-        """Answers one prompt about images and/or videos (greedy unless sampling kwargs are given).
-
-            model.generate_content("What happens in this video?", videos=["clip.mp4"])
-
-        Args:
-            prompt: the user's text; media placeholders are added in front (or keep your own, one per medium).
-            images: PIL images or paths.
-            videos: video paths, bytes or frames folders, or lists of PIL frames.
-            num_video_frames, video_fps, temporal_pool: video sampling and pooling for this call; None = the
-                checkpoint config (`num_video_frames`, `fps`, `video_encoder` pool_sizes).
-            max_new_tokens: generation budget (tokens).
-
-        Returns:
-            The decoded answer, stripped.
-        """
-        processor = NvilaProcessor(self.tokenizer, self.config, num_video_frames=num_video_frames,
-                                   video_fps=video_fps, temporal_pool=temporal_pool)
-        enc = processor([{"from": "human", "value": prompt}], images, add_generation_prompt=True, videos=videos)
-        batch = processor.collate([enc])
-        device = self.get_input_embeddings().weight.device
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        generate_kwargs.setdefault("do_sample", False)
-        out = self.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
-        return processor.decode(out[0])

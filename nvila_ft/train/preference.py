@@ -32,14 +32,13 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.utils import selective_log_softmax
 
 from nvila_ft.data.checks import VideoCheck
 from nvila_ft.data.pairs import ANSWERS, answer_sample, load_pair_split, preflight_pairs
-from nvila_ft.model.configuration import IGNORE_INDEX
 from nvila_ft.train.dataset import SupervisedDataset, expanded_tokens
-from nvila_ft.train.recipe import RecipeError
 from nvila_ft.train.trainer import NvilaTrainer
 from nvila_ft.train.tuning import base_model
 
@@ -129,21 +128,14 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns:
         logps (2B,) fp32 and tokens (2B,) int64: over the positions whose label is not -100 (answer + `<|im_end|>`),
-        logits computed only there (as the SFT loss, `NvilaForConditionalGeneration._label_only_loss`).
+        logits computed only there and scored with trl's `selective_log_softmax`
+        (`NvilaForConditionalGeneration.forward(..., answer_logprob_fn=...)`, called through `model`, so that a DDP /
+        FSDP wrapper sees the pass and synchronises the gradients).
     """
-    nvila = base_model(model)
     media = {k: batch[k] for k in MEDIA_KEYS if batch.get(k) is not None}
-    with _media_twice(nvila):
-        embeds, mask, labels = nvila.embed(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                                           **media)
-    hidden = nvila.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = nvila.llm.get_output_embeddings()(hidden[:, :-1][keep])
-    token_logps = selective_log_softmax(logits.float(), targets[keep])
-    rows = keep.nonzero()[:, 0]
-    logps = torch.zeros(labels.shape[0], device=logits.device).index_add(0, rows, token_logps)
-    return logps, keep.sum(dim=1)
+    with _media_twice(base_model(extract_model_from_parallel(model))):  # the NVILA module under DDP / peft
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     answer_logprob_fn=selective_log_softmax, **media)
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -186,11 +178,6 @@ class NvilaDPOTrainer(NvilaTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.args.world_size > 1:
-            # sequence_logps runs NVILA's modules directly (embed, decoder, lm_head at the answer positions), not
-            # the DDP wrapper's forward, so DDP would not synchronize the gradients: refused rather than wrong.
-            raise RecipeError(f"train.objective=dpo runs on one process for now ({self.args.world_size} were "
-                              "launched); launch with recipes/accelerate/single_process.yaml.")
         self.model_accepts_loss_kwargs = False  # a mean over pairs: the Trainer divides it for accumulation
         self._dpo_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
