@@ -182,6 +182,27 @@ def test_dpo_with_two_ranks_at_batch_1_matches_one_process_at_batch_2(tiny_asset
     assert_same_trainables(trainables(two), trainables(one))
 
 
+def test_fit_check_runs_under_the_training_launcher_and_prints_once(tiny_assets):
+    # `python -m nvila_ft.plan --measure` under the DDP launch: each rank measures its device with the model in
+    # accelerate's DDP wrapper (a backward all-reduces), rank 0 prints one table, priced for one GPU of two.
+    log = launch(["--config_file", str(CONFIGS / "multi_gpu.yaml")],
+                 [f"model.path={tiny_assets.model}", "model.image_aspect_ratio=resize", "--measure", "--steps", "1"],
+                 program=("-m", "nvila_ft.plan"))
+    assert log.count("fit check:") == 1 and "rank 0 of 2 (DDP)" in log
+    assert re.search(r"CPU: state \+ autograd-saved bytes +[\d.]+ [MG]iB", log)
+
+
+def test_fit_check_refuses_a_sharded_launch_in_one_line(tiny_assets, monkeypatch, capsys):
+    from nvila_ft.plan.report import main as plan_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert plan_main([str(ROOT / "recipes" / "quickstart.yaml"), f"model.path={tiny_assets.model}", "--measure"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --measure measures data-parallel launches; this one is fsdp")
+    assert "--num-gpus 2 --strategy fsdp" in err and len(err.splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------------------------- FSDP
 def test_fsdp_with_two_processes_trains_like_one_process(single, fsdp):
     out, log = fsdp

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, SiglipVisionModel
 
+from nvila_ft.demo import is_demo_path
+from nvila_ft.demo import resolve as resolve_demo
 from nvila_ft.model.configuration import MEDIA_TOKENS, SENTINEL_TOKEN, NvilaConfig
 from nvila_ft.model.projector import MultimodalProjector
 
@@ -81,6 +83,8 @@ def random_config(path_or_id: str | os.PathLike, revision: str | None = None) ->
 
 
 def _find_config(path_or_id, revision):
+    if is_demo_path(path_or_id):  # demo:<name>: the demo checkpoint's folder (built on first use)
+        path_or_id = resolve_demo(path_or_id, "checkpoint")
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

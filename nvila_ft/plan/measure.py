@@ -18,6 +18,11 @@ CUDA allowance stands for), samples/s and LLM tokens/s. The plan is recomputed f
 On a CPU the same steps run (tiny or reduced models; labelled CPU): there is no allocator to ask, so the
 "measured peak" is the exact bytes of parameters, gradients and AdamW states plus the distinct storages
 autograd saves for backward, against the matching plan terms.
+
+Under a data-parallel launch (the training launcher: `accelerate launch --config_file
+recipes/accelerate/multi_gpu.yaml --num_processes N -m nvila_ft.plan RECIPE --measure`) every rank measures its own
+GPU with the model in accelerate's DDP wrapper (gradient all-reduce and its buckets included), the plan prices one
+GPU of the launch, and rank 0 prints. FSDP / ZeRO launches are refused (`--num-gpus N --strategy S` plans them).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from PIL import Image
 
 from nvila_ft.plan.memory import GiB
 from nvila_ft.plan.report import plan_recipe
+from nvila_ft.plan.sharding import launch_layout
 
 QUESTION = "Describe."  # short: the plan's worst case counts every text token as a label
 FILLER = "yes"
@@ -113,6 +119,12 @@ def run_steps(run, batch: dict, steps: int) -> dict:
 
     model, recipe = run.model, run.recipe
     model.train()
+    wrapped, backward = model, torch.Tensor.backward
+    if launch_layout()[0] > 1:  # data-parallel launch: the DDP wrapper training runs under (see the module doc)
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        wrapped, backward = accelerator.prepare_model(model), accelerator.backward
     device = next(p for p in model.parameters() if p.device.type != "meta").device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     groups = param_groups(model, recipe.train)
@@ -131,8 +143,8 @@ def run_steps(run, batch: dict, steps: int) -> dict:
         hooks = (torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t)
                  if not cuda and step == steps else contextlib.nullcontext())
         with autocast, hooks:
-            loss = model(**batch).loss
-        loss.backward()
+            loss = wrapped(**batch).loss
+        backward(loss)
         if step == 0:  # AdamW states for every trainable, as training has them once any sample reached it
             for p in model.parameters():  # (a text-only sample sends no gradient to the projector)
                 if p.requires_grad and p.grad is None:
@@ -176,14 +188,19 @@ def measure_recipe(recipe, steps: int = 3, memory_cap_gib: float | None = None) 
     """
     from nvila_ft.train.trainer import TrainingRun
 
+    num_gpus, strategy = launch_layout()
+    if strategy != "ddp":
+        raise ValueError(f"--measure measures data-parallel launches; this one is {strategy}: plan it with "
+                         f"--num-gpus {num_gpus} --strategy {strategy}, or train a few steps with model.init=random")
     recipe = random_recipe(recipe)
-    worst = plan_recipe(recipe)
+    worst = plan_recipe(recipe, num_gpus=num_gpus, strategy=strategy)
     run = TrainingRun(recipe)
     cuda = torch.cuda.is_available()
     if cuda and memory_cap_gib:
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * GiB / total))
     result = {"model": recipe.model.path, "tune": recipe.tune.model_dump(), "memory_cap_gib": memory_cap_gib,
+              "ranks": num_gpus,
               "device": torch.cuda.get_device_name(0) if cuda else "cpu", "oom": False, "steps": steps}
     try:
         model, processor = run.load_model()
@@ -191,7 +208,7 @@ def measure_recipe(recipe, steps: int = 3, memory_cap_gib: float | None = None) 
         batch = processor.collate([processor(conversation, images)] * recipe.train.per_device_train_batch_size)
         n_text = int(batch["input_ids"].shape[1]) - len(images)  # minus the <image> placeholders
         n_label = int((batch["labels"][:1, 1:] != -100).sum())  # rows per sample the forward sends through lm_head
-        plan = plan_recipe(recipe, text_tokens=n_text, label_tokens=n_label)
+        plan = plan_recipe(recipe, text_tokens=n_text, label_tokens=n_label, num_gpus=num_gpus, strategy=strategy)
         measured = run_steps(run, batch, steps)
         del model
     except torch.OutOfMemoryError as err:
@@ -232,7 +249,8 @@ def measurement_table(r: dict) -> str:
     """The measured-vs-planned table `python -m nvila_ft.plan --measure` prints."""
     g = lambda b: f"{b / GiB:8.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:8.1f} MiB"  # noqa: E731
     where = r["device"] + (f", allocator capped at {r['memory_cap_gib']:g} GiB" if r.get("memory_cap_gib") else "")
-    lines = [f"fit check: {r['model']} on {where}, random weights (model.init=random), {r['steps']} steps"]
+    ranks = f", rank 0 of {r['ranks']} (DDP)" if r.get("ranks", 1) > 1 else ""
+    lines = [f"fit check: {r['model']} on {where}{ranks}, random weights (model.init=random), {r['steps']} steps"]
     if r["oom"]:
         lines += [f"  OUT OF MEMORY: {r['error']}", f"  planned allocated peak {g(r['predicted_bytes'])}"]
         return "\n".join(lines)

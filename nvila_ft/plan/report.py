@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -436,8 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         from nvila_ft.plan.measure import measure_recipe, measurement_table
 
-        result = measure_recipe(recipe, args.steps, memory_cap_gib=args.gpu_memory)
-        print(json.dumps(result, indent=2) if args.json else measurement_table(result))
+        try:
+            result = measure_recipe(recipe, args.steps, memory_cap_gib=args.gpu_memory)
+        except ValueError as err:  # an FSDP / ZeRO launch
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if int(os.environ.get("RANK", 0)) == 0:  # under a launch every rank measures, rank 0 prints
+            print(json.dumps(result, indent=2) if args.json else measurement_table(result))
         return 0
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
