@@ -46,6 +46,15 @@ def media_key(sample: dict) -> tuple | None:
     return tuple(ident(i) for i in images), tuple(ident(v) for v in videos), system
 
 
+def media_groups(keys: Sequence) -> dict:
+    """Indices of `keys` (one `media_key` per row) grouped by key, in order of first appearance; a row whose key
+    is None is a group of its own (it shares nothing)."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key if key is not None else ("row", i), []).append(i)
+    return groups
+
+
 def plan_micro_batches(samples: Sequence[dict], batch_size: int, seed: int = 0,
                        share_prefix: bool = True) -> list[list[int]]:
     """Row indices per micro-batch, `batch_size` rows each (the last may be shorter), rows with one media key
@@ -61,11 +70,7 @@ def plan_micro_batches(samples: Sequence[dict], batch_size: int, seed: int = 0,
         order = list(range(len(samples)))
         rng.shuffle(order)
     else:
-        groups: dict = {}
-        for i, sample in enumerate(samples):
-            key = media_key(sample)
-            groups.setdefault(key if key is not None else ("row", i), []).append(i)
-        chunks = list(groups.values())
+        chunks = list(media_groups(map(media_key, samples)).values())
         rng.shuffle(chunks)
         order = []
         for chunk in chunks:
@@ -145,12 +150,9 @@ def make_units(rows: Sequence[dict], max_length: int, media_token_ids: Sequence[
     Returns:
         units in order of their first row.
     """
-    groups: dict = {}
-    for i, row in enumerate(rows):
-        key = row.get("media_key") if share_prefix else None
-        groups.setdefault(key if key is not None else ("row", i), []).append(row)
     units = []
-    for members in groups.values():
+    keys = [row.get("media_key") if share_prefix else None for row in rows]
+    for members in ([rows[i] for i in group] for group in media_groups(keys).values()):
         first = members[0]
         same = [r for r in members if _same_media(first, r)]
         for r in members:
@@ -262,10 +264,7 @@ def sharing_summary(samples: Sequence[dict], lengths: Sequence[int], media_token
         (images through the vision tower) and `llm_positions` before/after (a lower bound on the saving: only
         the visual positions are counted as shared, not the system turn).
     """
-    groups: dict = {}
-    for i, sample in enumerate(samples):
-        key = media_key(sample)
-        groups.setdefault(key if key is not None else ("row", i), []).append(i)
+    groups = media_groups(map(media_key, samples))
     images = [len(s.get("images") or []) + len(s.get("videos") or []) for s in samples]
     after_pos = sum(lengths[m[0]] + sum(lengths[i] - media_tokens[i] for i in m[1:]) for m in groups.values())
     return {"rows": len(samples), "groups": len(groups),

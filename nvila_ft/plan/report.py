@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -442,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:  # an FSDP / ZeRO launch
             print(f"error: {err}", file=sys.stderr)
             return 2
-        if int(os.environ.get("RANK", 0)) == 0:  # under a launch every rank measures, rank 0 prints
+        from nvila_ft.train.distributed import is_main_process
+
+        if is_main_process():  # under a launch every rank measures, rank 0 prints
             print(json.dumps(result, indent=2) if args.json else measurement_table(result))
         return 0
     if args.json:

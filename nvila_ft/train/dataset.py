@@ -4,7 +4,6 @@ recipe's preflight (`check_samples`); rows that fail at train time are left out 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 
 import torch
@@ -15,6 +14,7 @@ from nvila_ft.data import VideoCheck, load_split, preflight
 from nvila_ft.data.grouping import GroupCollator, media_key, repeats_media, sharing_summary
 from nvila_ft.model.media import expanded_length
 from nvila_ft.model.processing import NvilaProcessor
+from nvila_ft.plan.sharding import launch_layout
 from nvila_ft.train.distributed import is_main_process
 from nvila_ft.train.recipe import Recipe
 
@@ -116,19 +116,17 @@ class GroupedDataset(SupervisedDataset):
         return len(self.steps)
 
     def __getitem__(self, index: int) -> list[dict]:
-        layouts, rows = {}, []
-        for i in self.steps[index]:
-            sample, key = self.samples[i], media_key(self.samples[i])
-            layout = None
-            if key is not None:
+        rows = self.steps[index]
+        keys = [media_key(self.samples[i]) for i in rows]
+        layouts = {}
+        for i, key in zip(rows, keys):
+            if key is not None and key not in layouts:
+                sample = self.samples[i]
                 try:
-                    if key not in layouts:
-                        layouts[key] = self.processor.layout_media(sample.get("images", []), sample.get("videos", []))
-                    layout = layouts[key]
-                except Exception:  # noqa: BLE001 - encode() reports the row
-                    layout = None
-            rows.append(self.encode_row(i, layout))
-        return rows
+                    layouts[key] = self.processor.layout_media(sample.get("images", []), sample.get("videos", []))
+                except Exception:  # noqa: BLE001 - None: each row lays its media out again and encode_row reports it
+                    layouts[key] = None
+        return [self.encode_row(i, layouts.get(key)) for i, key in zip(rows, keys)]
 
     def collate(self, items: list[list[dict]] | list[dict]) -> dict:
         """A training item (a step's rows) -> micro-batches; eval rows (the Trainer has one `data_collator`, and
@@ -154,7 +152,7 @@ def resolve_grouping(recipe: Recipe, samples: list[dict], attn_implementation: s
         logger.warning("data.share_prefix / data.packing need sdpa or eager attention (%s cannot take their "
                        "attention mask): training one row per sequence", attn_implementation)
         return False, False
-    if (share or d.packing) and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+    if (share or d.packing) and launch_layout()[1] in ("zero2", "zero3"):
         # DeepSpeed reduces gradients at every backward it is not told to accumulate, and a grouped step runs as
         # many backwards as its groups fill (a different count per rank): ranks would wait on each other.
         logger.warning("data.share_prefix / data.packing are not used under DeepSpeed: training one row per sequence")
@@ -175,11 +173,14 @@ def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict]
     if not d.preflight:
         return samples
 
-    video_check = VideoCheck.for_media(processor.media, short_videos=d.short_videos, sample=d.preflight_video_sample,
-                                       seed=recipe.train.seed, cache_dir=d.video_cache_dir,
-                                       tokens_fn=processor.count_video_tokens)
-    report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=lambda s: expanded_tokens(processor, s),
-                       max_length=processor.max_length, video_check=video_check, progress=is_main_process())
+    sizes: dict[int, list[tuple[int, int]]] = {}  # id(sample) -> image sizes, read once (length and media tokens)
+
+    def length_fn(sample: dict) -> int:
+        sizes[id(sample)] = [_image_size(im) for im in sample.get("images", [])]
+        return expanded_tokens(processor, sample, sizes[id(sample)])
+
+    report = preflight(samples, on_bad_row=d.on_bad_row, length_fn=length_fn, max_length=processor.max_length,
+                       video_check=video_check(recipe, processor), progress=is_main_process())
     lines = report.summary().splitlines()
     logger.info("%s split: %s", split, lines[0])
     video_lines = [line for line in lines if line.startswith("video rows:")]
@@ -189,9 +190,8 @@ def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict]
                     "per video", split, video_lines[0], processor.num_video_frames, processor.tokens_per_tile, pool,
                     processor.count_video_tokens())
     if split == "train" and d.share_prefix and repeats_media(report.ok):
-        media_tokens = [expanded_length(processor.media, len(processor.end_token_ids), 0,
-                                        [_image_size(im) for im in s.get("images", [])], s.get("video_frames", ()))
-                        for s in report.ok]
+        media_tokens = [expanded_length(processor.media, len(processor.end_token_ids), 0, sizes[id(s)],
+                                        s.get("video_frames", ())) for s in report.ok]
         info = sharing_summary(report.ok, [s["num_tokens"] for s in report.ok], media_tokens)
         (v0, v1), (p0, p1) = info["vision_encodes"], info["llm_positions"]
         logger.info("%s split: shared prefixes (data.share_prefix): %d rows -> %d groups; media through the vision "
@@ -200,9 +200,19 @@ def check_samples(recipe: Recipe, processor: NvilaProcessor, samples: list[dict]
     return report.ok
 
 
-def expanded_tokens(processor: NvilaProcessor, sample: dict) -> int:
-    """A sample's token count after media expansion (`NvilaProcessor.num_tokens`; images: only their sizes)."""
-    sizes = [_image_size(im) for im in sample.get("images", [])]
+def video_check(recipe: Recipe, processor: NvilaProcessor) -> VideoCheck:
+    """The preflight's video check as the recipe configures it (`data.short_videos`, `data.preflight_video_sample`,
+    `data.video_cache_dir`), counting visual tokens with the run's processor; SFT rows and preference pairs."""
+    d = recipe.data
+    return VideoCheck.for_media(processor.media, short_videos=d.short_videos, sample=d.preflight_video_sample,
+                                seed=recipe.train.seed, cache_dir=d.video_cache_dir,
+                                tokens_fn=processor.count_video_tokens)
+
+
+def expanded_tokens(processor: NvilaProcessor, sample: dict, image_sizes: list[tuple[int, int]] | None = None) -> int:
+    """A sample's token count after media expansion (`NvilaProcessor.num_tokens`; images: only their sizes, read
+    from the files unless `image_sizes` gives them, (width, height) per image)."""
+    sizes = [_image_size(im) for im in sample.get("images", [])] if image_sizes is None else image_sizes
     return processor.num_tokens(sample["conversations"], sizes, sample.get("video_frames", ()))
 
 

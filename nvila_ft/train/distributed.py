@@ -58,10 +58,9 @@ def quiet_other_ranks(level: int = logging.WARNING) -> None:
 def sharded_launch() -> bool:
     """True when `accelerate launch` shards the weights (FSDP, or DeepSpeed ZeRO-3), read from the launcher's
     environment before the model loads."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        return True
-    return (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+    from nvila_ft.plan.sharding import launch_layout
+
+    return launch_layout()[1] in ("fsdp", "zero3")
 
 
 def shard(items: Sequence, rank: int, world: int) -> list:

@@ -36,9 +36,8 @@ from accelerate.utils import extract_model_from_parallel
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.utils import selective_log_softmax
 
-from nvila_ft.data.checks import VideoCheck
 from nvila_ft.data.pairs import ANSWERS, answer_sample, load_pair_split, preflight_pairs
-from nvila_ft.train.dataset import SupervisedDataset, expanded_tokens
+from nvila_ft.train.dataset import SupervisedDataset, expanded_tokens, video_check
 from nvila_ft.train.trainer import NvilaTrainer
 from nvila_ft.train.tuning import base_model
 
@@ -91,11 +90,8 @@ def check_pairs(recipe, processor, pairs: list[dict], split: str) -> list[dict]:
     d = recipe.data
     if not d.preflight:
         return pairs
-    video_check = VideoCheck.for_media(processor.media, short_videos=d.short_videos, sample=d.preflight_video_sample,
-                                       seed=recipe.train.seed, cache_dir=d.video_cache_dir,
-                                       tokens_fn=processor.count_video_tokens)
     report = preflight_pairs(pairs, on_bad_row=d.on_bad_row, length_fn=lambda s: expanded_tokens(processor, s),
-                             max_length=processor.max_length, video_check=video_check)
+                             max_length=processor.max_length, video_check=video_check(recipe, processor))
     logger.info("%s split: %s", split, report.summary().splitlines()[0])
     return report.ok
 
