@@ -320,12 +320,18 @@ def test_whole_run_loss_weights_each_logged_mean_by_its_steps():
 
 
 # ---------------------------------------------------------------------------------------------- bad rows
+def data_with_a_missing_image(tiny_assets, folder: Path, rows: int) -> Path:
+    """The first `rows` quickstart rows in `folder`, row 1's image gone: found bad only when encoded (preflight
+    off)."""
+    kept = json.loads((Path(tiny_assets.data) / "train.json").read_text())[:rows]
+    kept[1]["image"] = "images/gone.png"
+    shutil.copytree(tiny_assets.data, folder)
+    (folder / "train.json").write_text(json.dumps(kept))
+    return folder
+
+
 def test_a_row_that_fails_at_train_time_is_skipped_named_and_counted(tiny_assets, tmp_path, monkeypatch, caplog):
-    rows = json.loads((Path(tiny_assets.data) / "train.json").read_text())[:3]
-    rows[1]["image"] = "images/gone.png"  # found bad only when encoded: preflight is off
-    data = tmp_path / "data"
-    shutil.copytree(tiny_assets.data, data)
-    (data / "train.json").write_text(json.dumps(rows))
+    data = data_with_a_missing_image(tiny_assets, tmp_path / "data", rows=3)
     batch_sizes = []
     original = NvilaTrainer.training_step
 
@@ -353,11 +359,7 @@ def test_a_row_that_fails_at_train_time_is_skipped_named_and_counted(tiny_assets
 def test_a_bad_row_in_a_shared_prefix_step_is_left_out_not_replaced(tiny_assets, tmp_path, monkeypatch):
     # Shared prefixes (data.share_prefix, on: the quickstart rows repeat their images) train one step per data
     # item; a row that fails there is recorded like any bad row and its step trains the other answers only.
-    rows = json.loads((Path(tiny_assets.data) / "train.json").read_text())[:4]
-    rows[1]["image"] = "images/gone.png"  # found bad only when encoded: preflight is off
-    data = tmp_path / "data"
-    shutil.copytree(tiny_assets.data, data)
-    (data / "train.json").write_text(json.dumps(rows))
+    data = data_with_a_missing_image(tiny_assets, tmp_path / "data", rows=4)
     answers = []
     original = NvilaTrainer.training_step
 
